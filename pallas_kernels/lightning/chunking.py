@@ -1,0 +1,55 @@
+"""Chunk layout and decay factors shared by the chunked implementations (XLA and Pallas).
+
+Sequences are right-padded with zeros to ``N = ceil(T/C)`` chunks. Zero keys/values add nothing
+to the state; the last chunk's real length ``L`` sets its key decay ``λ^{L−1−j}`` and block decay
+``λ^L``, so the final state is exact for any T. All factors are ``exp(g·Δ)`` with Δ ≥ 0.
+"""
+import jax.numpy as jnp
+import numpy as np
+
+_F32 = jnp.float32
+
+
+def num_chunks(t: int, chunk_size: int) -> int:
+  return -(-t // chunk_size)
+
+
+def to_chunks(x, chunk_size, dtype=_F32):
+  """``[B,T,H,D]`` -> ``[B,H,N,C,D]`` (zero right-padding, cast to ``dtype``)."""
+  b, t, h, d = x.shape
+  n = num_chunks(t, chunk_size)
+  x = jnp.pad(x.astype(dtype), ((0, 0), (0, n * chunk_size - t), (0, 0), (0, 0)))
+  return x.reshape(b, n, chunk_size, h, d).transpose(0, 3, 1, 2, 4)
+
+
+def from_chunks(x, t, dtype):
+  """``[B,H,N,C,D]`` -> ``[B,T,H,D]`` (drops padding, casts to ``dtype``)."""
+  b, h, n, c, d = x.shape
+  return x.transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :t].astype(dtype)
+
+
+def chunk_lengths(t: int, chunk_size: int) -> np.ndarray:
+  """Real length of every chunk (all ``C`` except possibly the last)."""
+  n = num_chunks(t, chunk_size)
+  lengths = np.full((n,), chunk_size, np.int32)
+  lengths[-1] = t - (n - 1) * chunk_size
+  return lengths
+
+
+def decay_factors(log_decay, t: int, chunk_size: int):
+  """Per-head decay factors for the chunked form.
+
+  Returns ``intra [H,C,C]`` (λ^{i−j}, i ≥ j, else 0), ``qdec [H,C]`` (λ^{i+1}),
+  ``kdec [H,N,C]`` (λ^{L_n−1−j}, 0 for padded keys) and ``bdec [H,N]`` (λ^{L_n}).
+  """
+  g = log_decay.astype(_F32)
+  c = chunk_size
+  lengths = jnp.asarray(chunk_lengths(t, c), _F32)               # [N]
+  i = jnp.arange(c, dtype=_F32)
+  delta = i[:, None] - i[None, :]
+  intra = jnp.where(delta >= 0, jnp.exp(g[:, None, None] * jnp.maximum(delta, 0.0)), 0.0)
+  qdec = jnp.exp(g[:, None] * (i + 1.0))
+  kdelta = lengths[:, None] - 1.0 - i[None, :]                   # [N,C]
+  kdec = jnp.where(kdelta >= 0, jnp.exp(g[:, None, None] * jnp.maximum(kdelta, 0.0)), 0.0)
+  bdec = jnp.exp(g[:, None] * lengths[None, :])
+  return intra, qdec, kdec, bdec

@@ -1,0 +1,73 @@
+"""Chunked Lightning-Attention-2 in plain XLA: the default on CPU and GPU.
+
+Per chunk of C tokens (local i, j; S = state entering the chunk):
+``O = ((Q Kᵀ) ⊙ D) V + diag(λ^{i+1}) Q S`` and ``S' = λ^L S + (diag(λ^{L−1−j}) K)ᵀ V``.
+The chunk-parallel matmuls are batched over all chunks; only ``S' = λ^L S + U`` runs in a
+``lax.scan``. Memory O(T·(C + D) + N·Dk·Dv). The backward is chunk-wise too: it reuses the
+per-chunk states saved by the forward and runs the reverse state-gradient scan
+``dS = λ^L dS' + (diag(λ^{i+1}) Q)ᵀ dO``.
+"""
+import jax.numpy as jnp
+from jax import lax
+
+from .chunking import decay_factors, from_chunks, to_chunks
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+
+
+def _ein(spec, a, b):
+  return jnp.einsum(spec, a, b, precision=_HI, preferred_element_type=_F32)
+
+
+def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_states=False):
+  """Returns ``(o [B,T,H,Dv] fp32, final_state, chunk_states [B,H,N,Dk,Dv] or None)``.
+
+  ``chunk_states[:, :, n]`` is the state entering chunk n (input to the backward).
+  """
+  t = q.shape[1]
+  c = chunk_size
+  intra, qdec, kdec, bdec = decay_factors(log_decay, t, c)
+  qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))
+  qc = qc * scale
+  scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
+  o = _ein("bhnce,bhnev->bhncv", scores, vc)
+  u = _ein("bhncd,bhncv->bhndv", kc * kdec[None, :, :, :, None], vc)
+
+  def step(s, xs):
+    u_n, b_n = xs
+    return b_n[None, :, None, None] * s + u_n, s
+
+  final, states = lax.scan(step, initial_state.astype(_F32),
+                           (jnp.moveaxis(u, 2, 0), jnp.moveaxis(bdec, 1, 0)))
+  states = jnp.moveaxis(states, 0, 2)                              # [B,H,N,Dk,Dv]
+  o = o + _ein("bhncd,bhndv->bhncv", qc * qdec[None, :, None, :, None], states)
+  return from_chunks(o, t, _F32), final, (states if save_states else None)
+
+
+def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=64):
+  """Chunk-wise VJP. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
+  t = q.shape[1]
+  c = chunk_size
+  intra, qdec, kdec, bdec = decay_factors(log_decay, t, c)
+  qc, kc, vc, doc = (to_chunks(x, c) for x in (q, k, v, do))
+  qc = qc * scale
+  qd = qc * qdec[None, :, None, :, None]
+  kd = kdec[None, :, :, :, None]
+  w = _ein("bhncd,bhncv->bhndv", qd, doc)                          # dS contribution of O_inter
+
+  def step(g_after, xs):                                            # reverse over chunks
+    w_n, b_n = xs
+    return b_n[None, :, None, None] * g_after + w_n, g_after
+
+  d_init, d_after = lax.scan(step, d_final.astype(_F32),
+                             (jnp.moveaxis(w, 2, 0), jnp.moveaxis(bdec, 1, 0)), reverse=True)
+  d_after = jnp.moveaxis(d_after, 0, 2)                            # grad of state leaving chunk n
+  scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
+  dscores = _ein("bhncv,bhnev->bhnce", doc, vc) * intra[None, :, None]
+  dq = _ein("bhnce,bhned->bhncd", dscores, kc)
+  dq = dq + qdec[None, :, None, :, None] * _ein("bhncv,bhndv->bhncd", doc, chunk_states)
+  dk = _ein("bhnce,bhncd->bhned", dscores, qc) + kd * _ein("bhncv,bhndv->bhncd", vc, d_after)
+  dv = _ein("bhnce,bhncv->bhnev", scores, doc) + kd * _ein("bhncd,bhndv->bhncv", kc, d_after)
+  return (from_chunks(dq * scale, t, _F32), from_chunks(dk, t, _F32),
+          from_chunks(dv, t, _F32), d_init)
