@@ -75,7 +75,8 @@ def lightning_attention(q, k, v, log_decay, *, scale=None, initial_state=None,
     chunk_size: tokens per chunk for the chunked implementations and the recurrent checkpointing.
     implementation: ``"auto"`` (TPU → ``pallas_tpu``, else ``xla``), ``"reference"``,
       ``"recurrent"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
-    interpret: run a Pallas kernel in interpret mode (needed off its own backend).
+    interpret: Pallas only. ``None``: compiled kernel, error off its backend; ``True``: interpret
+      mode (CPU tests); ``False``: compiled kernel even off-backend (``jax.export`` lowering).
 
   Returns:
     ``o [B, T, H, Dv]`` in the input dtype, or ``(o, final_state fp32)``.

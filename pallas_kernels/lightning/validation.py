@@ -58,7 +58,12 @@ def check_inputs(q, k, v):
 
 
 def resolve_implementation(implementation, interpret):
-  """Maps ``"auto"`` to the backend default; rejects Pallas kernels the backend cannot run."""
+  """Maps ``"auto"`` to the backend default; rejects Pallas kernels the backend cannot run.
+
+  ``interpret=None`` (default) raises for a Pallas kernel off its backend; ``interpret=True`` runs
+  it in interpret mode; an explicit ``interpret=False`` forces the compiled kernel (for
+  ``jax.export(..., platforms=["tpu"|"cuda"])`` cross-lowering from another host).
+  """
   backend = jax.default_backend()
   if implementation == "auto":
     return "pallas_tpu" if backend == "tpu" else "xla"
@@ -66,10 +71,10 @@ def resolve_implementation(implementation, interpret):
     raise ValueError(f"implementation must be one of {('auto',) + IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
   needed = _PALLAS_BACKEND.get(implementation)
-  if needed and backend != needed and not interpret:
+  if needed and backend != needed and interpret is None:
     raise ValueError(f"implementation={implementation!r} needs a {needed.upper()} backend "
                      f"(current: {backend}); pass interpret=True to run it in Pallas interpret "
-                     "mode, or use implementation='xla'")
+                     "mode (or interpret=False to lower for export), or use implementation='xla'")
   return implementation
 
 

@@ -1,0 +1,19 @@
+"""Typed configs, presets, overrides and Hugging Face ``config.json`` conversion."""
+
+from minicpm_jax.config.hf import model_config_from_hf, model_config_to_hf
+from minicpm_jax.config.loading import (
+    ConfigError,
+    apply_overrides,
+    build_config,
+    build_model_config,
+    load_config,
+    preset_names,
+    read_model_preset,
+)
+from minicpm_jax.config.schema import MIXER_TYPES, Config, MeshConfig, ModelConfig, RopeScaling, SparseConfig
+
+__all__ = [
+    "MIXER_TYPES", "Config", "ConfigError", "MeshConfig", "ModelConfig", "RopeScaling", "SparseConfig",
+    "apply_overrides", "build_config", "build_model_config", "load_config", "model_config_from_hf",
+    "model_config_to_hf", "preset_names", "read_model_preset",
+]

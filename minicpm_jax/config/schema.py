@@ -1,0 +1,173 @@
+"""Typed configuration: the model (dense MiniCPM4, InfLLM v2 sparse mode, MiniCPM-SALA) and the run.
+
+Field names follow the official Hugging Face ``config.json`` so that a config round-trips through
+``config.json`` unchanged. Cross-field rules live in ``validate``; ``config.loading`` turns every
+problem (unknown keys, wrong types, rule violations) into one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, model_validator
+
+MIXER_TYPES = ("minicpm4", "lightning-attn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    """Frozen, no unknown keys, no silent int/bool coercion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparseConfig(_Strict):
+    """InfLLM v2 trainable sparse attention (``sparse_config`` of the official config)."""
+
+    kernel_size: StrictInt = 32
+    kernel_stride: StrictInt = 16
+    init_blocks: StrictInt = 1
+    block_size: StrictInt = 64
+    window_size: StrictInt = 2048
+    topk: StrictInt = 64
+    use_nope: StrictBool = False
+    dense_len: StrictInt = 8192
+
+
+class RopeScaling(_Strict):
+    """LongRoPE factors (``rope_scaling`` with ``rope_type: longrope``)."""
+
+    rope_type: Literal["longrope"] = "longrope"
+    long_factor: tuple[float, ...]
+    short_factor: tuple[float, ...]
+    original_max_position_embeddings: StrictInt
+    factor: float | None = None
+
+
+class ModelConfig(_Strict):
+    """Architecture of a MiniCPM4 / MiniCPM-SALA model (official ``config.json`` field names).
+
+    Defaults are those of the official ``MiniCPMConfig`` constructor, so a ``config.json`` that
+    omits a field means the same thing here as in the reference code.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kv_heads_default(cls, data):
+        # MiniCPMConfig: num_key_value_heads=None means num_attention_heads (plain MHA)
+        if isinstance(data, dict) and data.get("num_key_value_heads") is None:
+            data = {**data, "num_key_value_heads": data.get("num_attention_heads", 32)}
+        return data
+
+    model_type: Literal["minicpm", "minicpm_sala"] = "minicpm"
+    vocab_size: StrictInt = 32000
+    hidden_size: StrictInt = 4096
+    intermediate_size: StrictInt = 11008
+    num_hidden_layers: StrictInt = 32
+    num_attention_heads: StrictInt = 32
+    num_key_value_heads: StrictInt = 32
+    head_dim: StrictInt | None = None
+    hidden_act: Literal["silu"] = "silu"
+    max_position_embeddings: StrictInt = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: StrictBool = True
+    attention_bias: Literal[False] = False
+    attention_dropout: float = 0.0
+    # muP scalars
+    scale_emb: float = 1.0
+    dim_model_base: StrictInt = 1
+    scale_depth: float = 1.0
+    mup_denominator: StrictInt | None = 32
+    # InfLLM v2 sparse attention (no parameters)
+    sparse_config: SparseConfig | None = None
+    # MiniCPM-SALA hybrid fields (spec/sala.md); None mixer_types means every layer is "minicpm4"
+    mixer_types: tuple[str, ...] | None = None
+    lightning_nh: StrictInt | None = None
+    lightning_nkv: StrictInt | None = None
+    lightning_head_dim: StrictInt | None = None
+    lightning_scale: Literal["1/sqrt(d)"] = "1/sqrt(d)"
+    lightning_use_rope: StrictBool = True
+    attn_use_rope: StrictBool = True
+    attn_use_output_gate: StrictBool = False
+    qk_norm: StrictBool = False
+    use_output_gate: StrictBool = False
+    use_output_norm: StrictBool = False
+    # generation / bookkeeping fields carried for config.json round trips
+    bos_token_id: StrictInt = 1
+    eos_token_id: StrictInt | tuple[StrictInt, ...] = 2
+    pad_token_id: StrictInt | None = None
+    use_cache: StrictBool = True
+    pretraining_tp: StrictInt = 1
+    shift_labels: StrictBool | None = None
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Head dim of softmax-attention layers."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_mixers(self) -> tuple[str, ...]:
+        """Mixer type of every layer."""
+        return self.mixer_types or ("minicpm4",) * self.num_hidden_layers
+
+    @property
+    def residual_scale(self) -> float:
+        return self.scale_depth / self.num_hidden_layers**0.5
+
+    @property
+    def logit_divisor(self) -> float:
+        return self.hidden_size / self.dim_model_base
+
+    def validate_rules(self) -> list[str]:
+        """Cross-field rules; returns one message per violation."""
+        errors = []
+        nh, nkv = self.num_attention_heads, self.num_key_value_heads
+        if self.head_dim is None and nh > 0 and self.hidden_size % nh:
+            errors.append(f"model.num_attention_heads: {nh} does not divide model.hidden_size "
+                          f"{self.hidden_size} (set head_dim, or use a divisor of hidden_size)")
+        if nkv <= 0 or nh % nkv:
+            errors.append(f"model.num_key_value_heads: {nkv} must be a positive divisor of "
+                          f"num_attention_heads {nh}")
+        if self.mixer_types is not None:
+            if len(self.mixer_types) != self.num_hidden_layers:
+                errors.append(f"model.mixer_types: has {len(self.mixer_types)} entries, "
+                              f"num_hidden_layers is {self.num_hidden_layers}; give one per layer")
+            bad = sorted({m for m in self.mixer_types if m not in MIXER_TYPES})
+            if bad:
+                errors.append(f"model.mixer_types: unknown mixer type(s) {bad}; allowed: {list(MIXER_TYPES)}")
+            if "lightning-attn" in self.mixer_types:
+                for name in ("lightning_nh", "lightning_nkv", "lightning_head_dim"):
+                    if getattr(self, name) is None:
+                        errors.append(f"model.{name}: required when mixer_types has 'lightning-attn'")
+                if self.lightning_nh and self.lightning_nkv and self.lightning_nh % self.lightning_nkv:
+                    errors.append(f"model.lightning_nkv: {self.lightning_nkv} must divide "
+                                  f"lightning_nh {self.lightning_nh}")
+        if self.rope_scaling is not None and nh > 0:
+            half = self.attn_head_dim // 2
+            for name in ("long_factor", "short_factor"):
+                n = len(getattr(self.rope_scaling, name))
+                if n != half:
+                    errors.append(f"model.rope_scaling.{name}: has {n} values, head_dim/2 is {half}")
+        return errors
+
+
+class MeshConfig(_Strict):
+    """Device mesh sizes; -1 fills the axis with the devices left over (at most one -1)."""
+
+    data: StrictInt = 1
+    fsdp: StrictInt = -1
+    tensor: StrictInt = 1
+    sequence: StrictInt = 1
+
+
+class Config(_Strict):
+    """Root config of a run: the model, the mesh and the numeric types."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    dtype: Literal[DTYPES] = "bfloat16"  # compute dtype
+    param_dtype: Literal[DTYPES] = "float32"  # master weights
+    seed: StrictInt = 0

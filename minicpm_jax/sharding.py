@@ -1,0 +1,104 @@
+"""Device meshes and the one table of logical-axis rules.
+
+Parameters and activations are annotated with logical axis names; ``LOGICAL_RULES`` maps each to a
+mesh axis (or to replication). Meshes use explicit ``AxisType.Auto`` axes so that XLA propagates
+shardings from the annotated parameters and the few activation constraints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from minicpm_jax.config.schema import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# logical axis name -> mesh axis (or tuple of axes, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": None,  # 2 KV heads in every MiniCPM4 model: replicate rather than limit tensor parallelism
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "act_seq": "sequence",
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor, sequence)`` mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+    fill = [a for a, s in sizes.items() if s == -1]
+    bad = [f"mesh.{a}: {s} (must be a positive size or -1)" for a, s in sizes.items() if s == 0 or s < -1]
+    if len(fill) > 1:
+        bad.append(f"mesh: only one axis may be -1, got {fill}")
+    if bad:
+        raise ValueError("invalid mesh:\n  " + "\n  ".join(bad))
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                             f"{ {a: s for a, s in sizes.items() if s != -1} } (product {fixed})")
+        sizes[fill[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh: axes {sizes} use {math.prod(sizes.values())} devices, "
+                         f"but {len(devices)} are available")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec of a tuple of logical axis names."""
+    return PartitionSpec(*(LOGICAL_RULES[a] if a is not None else None for a in axes))
+
+
+def named_sharding(mesh: Mesh, name: str, shape: Sequence[int], axes: Sequence[str | None]) -> NamedSharding:
+    """Sharding of one array; raises if a mesh axis does not divide the dimension it shards."""
+    errors = divisibility_errors(mesh, name, shape, axes)
+    if errors:
+        raise ValueError("mesh does not fit the parameters:\n  " + "\n  ".join(errors))
+    return NamedSharding(mesh, logical_spec(axes))
+
+
+def divisibility_errors(mesh: Mesh, name: str, shape: Sequence[int], axes: Sequence[str | None]) -> list[str]:
+    """One message per dimension of ``name`` that its mesh axes do not divide."""
+    errors = []
+    for dim, (size, logical) in enumerate(zip(shape, axes)):
+        rule = LOGICAL_RULES[logical] if logical else None
+        if size % _mesh_size(mesh, rule):
+            errors.append(f"{name}: dimension {dim} ({logical}={size}) is not divisible by mesh axis "
+                          f"{'x'.join(_as_tuple(rule))} of size {_mesh_size(mesh, rule)}")
+    return errors
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names when a mesh is set (``jax.set_mesh``); else a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = [LOGICAL_RULES[a] if a else None for a in axes]
+    spec = [s if n % _mesh_size(mesh, s) == 0 else None for s, n in zip(spec, x.shape)]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def _as_tuple(rule) -> tuple[str, ...]:
+    return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
+def _mesh_size(mesh, rule) -> int:
+    """Number of devices a rule's mesh axes span."""
+    return math.prod(mesh.shape[a] for a in _as_tuple(rule))

@@ -1,0 +1,3 @@
+"""Placeholder (in progress)."""
+def check_tiling(chunk_size, dtype, head_dims):
+  pass
