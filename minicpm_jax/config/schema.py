@@ -7,6 +7,7 @@ problem (unknown keys, wrong types, rule violations) into one ``ConfigError``.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, model_validator
@@ -115,7 +116,7 @@ class ModelConfig(_Strict):
 
     @property
     def residual_scale(self) -> float:
-        return self.scale_depth / self.num_hidden_layers**0.5
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
 
     @property
     def logit_divisor(self) -> float:

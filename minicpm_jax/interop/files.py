@@ -1,0 +1,68 @@
+"""Atomic directory writes and safetensors shard planning (single file or sharded + index)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; on success it replaces ``target``, on error it is removed."""
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """Group tensor names (in order) into files of at most ``max_shard_bytes`` (one tensor may exceed it)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    if len(groups) == 1:
+        return [(SINGLE_NAME, groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def tensor_files(directory: str | Path) -> dict[str, Path]:
+    """``{tensor name: file}`` of a checkpoint directory (index, single file, or none found -> error)."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: directory / f for k, f in weight_map.items()}
+    single = directory / SINGLE_NAME
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, "numpy") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{directory}: no {INDEX_NAME} or {SINGLE_NAME} found")

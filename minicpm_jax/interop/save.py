@@ -1,0 +1,75 @@
+"""Export to a Hugging Face checkpoint directory: ``config.json``, ``generation_config.json``,
+safetensors (sharded + index above ``max_shard_bytes``), tokenizer files. No torch needed.
+
+The host holds one shard's tensors at a time; each parameter is gathered from its devices on its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, plan_shards, write_json
+from minicpm_jax.interop.formats import export_config, generation_config
+from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
+
+NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+def save_hf_checkpoint(model_or_params: nnx.Module | nnx.State, config: ModelConfig, directory: str | Path, *,
+                       format: str = "minicpm", dtype: str = "bfloat16", tokenizer_dir: str | Path | None = None,
+                       max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``model_or_params`` as a Hugging Face checkpoint; the directory appears complete or not at all."""
+    if dtype not in NUMPY_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported; use one of {list(NUMPY_DTYPES)}")
+    hf_config = export_config(config, format, dtype)
+    entries = layout(model_or_params)
+    variables = dict(param_variables(model_or_params))
+    sources = {k: (k, 1.0) for k in entries}
+    if format == "llama":
+        if config.tie_word_embeddings:  # the folded head differs from the folded embedding: untie
+            sources["lm_head.weight"] = ("model.embed_tokens.weight", 1.0)
+        sources = {k: (src, llama_fold_scales(config, k)) for k, (src, _) in sources.items()}
+    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    sizes = {k: int(np.prod(entries[src].hf_shape)) * itemsize for k, (src, _) in sources.items()}
+
+    def tensor(key: str) -> np.ndarray:
+        src, scale = sources[key]
+        host = np.asarray(jax.device_get(variables[entries[src].path][...]), np.float32)
+        if scale != 1.0:
+            host = host * np.float32(scale)
+        return np.ascontiguousarray(to_hf(host, entries[src]).astype(NUMPY_DTYPES[dtype]))
+
+    with atomic_directory(directory) as tmp:
+        shards = plan_shards(sizes, max_shard_bytes)
+        for filename, keys in shards:
+            save_file({k: tensor(k) for k in keys}, str(tmp / filename), metadata={"format": "pt"})
+        if len(shards) > 1:
+            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())},
+                                          "weight_map": {k: f for f, keys in shards for k in keys}})
+        write_json(tmp / "config.json", hf_config)
+        write_json(tmp / "generation_config.json", generation_config(config))
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+    return Path(directory)
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files present in ``src`` (its generation_config.json wins over ours)."""
+    src = Path(src)
+    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if not any(n in found for n in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"tokenizer_dir {src}: no tokenizer.json or tokenizer.model")
+    for name in found:
+        shutil.copy2(src / name, dst / name)
+    return found
+
