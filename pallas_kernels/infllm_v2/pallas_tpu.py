@@ -1,0 +1,216 @@
+"""Pallas TPU block-sparse attention (forward, dQ and dK/dV kernels) for InfLLM v2 stage 2.
+
+Grid ``(B, Hkv, q_tile, slot)``: each query tile (one block of tokens x the G heads of a KV head)
+walks the union of its tokens' selected blocks; the block ids and counts are scalar-prefetched
+into SMEM and drive the K/V ``index_map`` (splash's ``data_next`` idea with a static-width list,
+no dense mask). A row only uses the blocks its own token selected (mask from the selection block);
+the causal mask only matters on the tile's own block. Online softmax state lives in VMEM scratch.
+dK/dV walk the transposed list (key block -> query tiles). ``interpret=True`` runs on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from . import block_lists as bl
+
+F32 = jnp.float32
+EMPTY_LSE = 1e30  # lse of a row with no keys: exp(s - lse) == 0 in the backward
+
+
+def _dot(a, b, ta=False, tb=False):
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=F32)
+
+
+def _mask(sel, blk, tile, groups, block_size):
+  """[G * Bk, Bk] mask: row's token selected blk, and causal within the tile's own block."""
+  hit = jnp.max(jnp.where(sel == blk, 1, 0), axis=1, keepdims=True) > 0         # [Bk, 1]
+  t_pos = jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 0)
+  k_pos = jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 1)
+  m = hit & ((k_pos <= t_pos) | (blk != tile))
+  return jnp.concatenate([m] * groups, axis=0) if groups > 1 else m
+
+
+def _probs(q, k, sel, blk, tile, lse, groups, block_size, scale):
+  s = _dot(q, k, tb=True) * scale
+  mask = _mask(sel, blk, tile, groups, block_size)
+  return jnp.where(mask, jnp.exp(s - lse), 0.0)
+
+
+def _fwd_kernel(ids, cnt, q_ref, k_ref, v_ref, sel_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
+                groups, block_size, scale):
+  b, g, i, w = (pl.program_id(a) for a in range(4))
+
+  @pl.when(w == 0)
+  def _():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, F32)
+    l_sc[...] = jnp.zeros(l_sc.shape, F32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
+
+  @pl.when(w < cnt[b, g, i])
+  def _():
+    blk = ids[b, g, i, w]
+    s = _dot(q_ref[...], k_ref[...], tb=True) * scale
+    s = jnp.where(_mask(sel_ref[...], blk, i, groups, block_size), s, -jnp.inf)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    corr = jnp.exp(m_prev - m_safe)
+    l_sc[...] = corr * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = corr * acc_sc[...] + _dot(p.astype(v_ref.dtype), v_ref[...])
+    m_sc[...] = m_new
+
+  @pl.when(w == pl.num_programs(3) - 1)
+  def _():
+    l = l_sc[...]
+    o_ref[...] = (acc_sc[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(jnp.where(l > 0, l, 1.0)), EMPTY_LSE)
+
+
+def _dq_kernel(ids, cnt, q_ref, k_ref, v_ref, sel_ref, do_ref, lse_ref, dl_ref, dq_ref, acc_sc, *,
+               groups, block_size, scale):
+  b, g, i, w = (pl.program_id(a) for a in range(4))
+
+  @pl.when(w == 0)
+  def _():
+    acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
+
+  @pl.when(w < cnt[b, g, i])
+  def _():
+    p = _probs(q_ref[...], k_ref[...], sel_ref[...], ids[b, g, i, w], i, lse_ref[...], groups,
+               block_size, scale)
+    ds = p * (_dot(do_ref[...], v_ref[...], tb=True) - dl_ref[...])
+    acc_sc[...] += _dot(ds.astype(k_ref.dtype), k_ref[...]) * scale
+
+  @pl.when(w == pl.num_programs(3) - 1)
+  def _():
+    dq_ref[...] = acc_sc[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(ids, cnt, q_ref, k_ref, v_ref, sel_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref,
+                dk_sc, dv_sc, *, groups, block_size, scale):
+  b, g, j, w = (pl.program_id(a) for a in range(4))
+
+  @pl.when(w == 0)
+  def _():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
+
+  @pl.when(w < cnt[b, g, j])
+  def _():
+    q, do = q_ref[...], do_ref[...]
+    p = _probs(q, k_ref[...], sel_ref[...], j, ids[b, g, j, w], lse_ref[...], groups,
+               block_size, scale)
+    dv_sc[...] += _dot(p.astype(do.dtype), do, ta=True)
+    ds = p * (_dot(do, v_ref[...], tb=True) - dl_ref[...])
+    dk_sc[...] += _dot(ds.astype(q.dtype), q, ta=True) * scale
+
+  @pl.when(w == pl.num_programs(3) - 1)
+  def _():
+    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _specs(rows, d, block_size, n, transposed):
+  """BlockSpecs for (q-like tile, k/v block, selection, per-row scalar) on the 4-D grid."""
+  if transposed:   # grid (b, g, key block j, slot w): the tile comes from the list
+    tile = lambda b, g, j, w, ids, cnt: ids[b, g, j, w]
+    kblk = lambda b, g, j, w, ids, cnt: j
+  else:            # grid (b, g, tile i, slot w): the key block comes from the list
+    tile = lambda b, g, i, w, ids, cnt: i
+    kblk = lambda b, g, i, w, ids, cnt: ids[b, g, i, w]
+  qs = pl.BlockSpec((None, None, None, rows, d), lambda *a: (a[0], a[1], tile(*a), 0, 0))
+  ks = pl.BlockSpec((None, None, block_size, d), lambda *a: (a[0], a[1], kblk(*a), 0))
+  ss = pl.BlockSpec((None, None, block_size, n), lambda *a: (a[0], a[1], tile(*a), 0))
+  rs = pl.BlockSpec((None, None, None, rows, 1), lambda *a: (a[0], a[1], tile(*a), 0, 0))
+  return qs, ks, ss, rs
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
+                                             out_specs=out_specs, scratch_shapes=scratch),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret)
+
+
+def _prepare(q, k, v, block_idx, block_size):
+  hkv = k.shape[2]
+  qt, kt, vt = bl.to_tiles(q, hkv, block_size), bl.to_kv(k, block_size), bl.to_kv(v, block_size)
+  sel = bl.pad_selection(block_idx.astype(jnp.int32), block_size)
+  lists = bl.tile_blocks(sel, block_size, kt.shape[2] // block_size)
+  return qt, kt, vt, sel, lists
+
+
+def _forward(qt, kt, vt, sel, lists, block_size, interpret):
+  b, hkv, nt, rows, d = qt.shape
+  kw = dict(groups=rows // block_size, block_size=block_size, scale=1.0 / math.sqrt(d))
+  (ids, cnt), _ = lists
+  qs, ks, ss, rs = _specs(rows, d, block_size, sel.shape[-1], False)
+  scratch = [pltpu.MemorySpace.VMEM((rows, 1), F32), pltpu.MemorySpace.VMEM((rows, 1), F32),
+             pltpu.MemorySpace.VMEM((rows, d), F32)]
+  return _call(functools.partial(_fwd_kernel, **kw), (b, hkv, nt, ids.shape[-1]),
+               [qs, ks, ks, ss], [qs, rs],
+               [jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+                jax.ShapeDtypeStruct(qt.shape[:-1] + (1,), F32)],
+               scratch, interpret)(ids, cnt, qt, kt, vt, sel)
+
+
+def _backward(qt, kt, vt, sel, lists, ot, lse, dot_, block_size, interpret):
+  b, hkv, nt, rows, d = qt.shape
+  nb = kt.shape[2] // block_size
+  kw = dict(groups=rows // block_size, block_size=block_size, scale=1.0 / math.sqrt(d))
+  (ids, cnt), (tids, tcnt) = lists
+  delta = jnp.sum(dot_.astype(F32) * ot.astype(F32), axis=-1, keepdims=True)
+  qs, ks, ss, rs = _specs(rows, d, block_size, sel.shape[-1], False)
+  dq = _call(functools.partial(_dq_kernel, **kw), (b, hkv, nt, ids.shape[-1]),
+             [qs, ks, ks, ss, qs, rs, rs], qs, jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+             [pltpu.MemorySpace.VMEM((rows, d), F32)],
+             interpret)(ids, cnt, qt, kt, vt, sel, dot_, lse, delta)
+  qs, ks, ss, rs = _specs(rows, d, block_size, sel.shape[-1], True)
+  kv_shape = jax.ShapeDtypeStruct(kt.shape, kt.dtype)
+  dk, dv = _call(functools.partial(_dkv_kernel, **kw), (b, hkv, nb, tids.shape[-1]),
+                 [qs, ks, ks, ss, qs, rs, rs], [ks, ks], [kv_shape, kv_shape],
+                 [pltpu.MemorySpace.VMEM((block_size, d), F32)] * 2,
+                 interpret)(tids, tcnt, qt, kt, vt, sel, dot_, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, block_idx, block_size, interpret):
+  qt, kt, vt, sel, lists = _prepare(q, k, v, block_idx, block_size)
+  ot, _ = _forward(qt, kt, vt, sel, lists, block_size, interpret)
+  return bl.from_tiles(ot, q.shape[1], q.shape[2], block_size)
+
+
+def _attention_fwd(q, k, v, block_idx, block_size, interpret):
+  qt, kt, vt, sel, lists = _prepare(q, k, v, block_idx, block_size)
+  ot, lse = _forward(qt, kt, vt, sel, lists, block_size, interpret)
+  o = bl.from_tiles(ot, q.shape[1], q.shape[2], block_size)
+  return o, (qt, kt, vt, sel, lists, ot, lse, block_idx)
+
+
+def _attention_bwd(block_size, interpret, res, do):
+  qt, kt, vt, sel, lists, ot, lse, block_idx = res
+  t, hq = do.shape[1], do.shape[2]
+  dot_ = bl.to_tiles(do, kt.shape[1], block_size)
+  dq, dk, dv = _backward(qt, kt, vt, sel, lists, ot, lse, dot_, block_size, interpret)
+  return (bl.from_tiles(dq, t, hq, block_size), bl.from_kv(dk, t), bl.from_kv(dv, t), None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q, k, v, block_idx, *, block_size, interpret=False):
+  """Pallas TPU version of ``xla.block_sparse_attention`` (same arguments and semantics)."""
+  return _attention(q, k, v, jax.lax.stop_gradient(block_idx), block_size, interpret)
