@@ -1,0 +1,40 @@
+"""Cross-lowering of the Pallas kernels with ``jax.export`` at SALA's shape (H=32, D=128, T=4096)."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.lightning import alibi_slopes, lightning_attention
+
+B, T, H, D = 1, 4096, 32, 128
+TARGETS = {"pallas_tpu": ("tpu", "tpu_custom_call"), "pallas_gpu": ("cuda", "mosaic_gpu")}
+
+
+def _export(impl, dtype, backward):
+  platform, marker = TARGETS[impl]
+  log_decay = -jnp.asarray(alibi_slopes(H))
+
+  def fwd(q, k, v, s0):
+    return lightning_attention(q, k, v, log_decay, initial_state=s0, return_final_state=True,
+                               implementation=impl, interpret=False)
+
+  def fwd_bwd(q, k, v, s0):
+    out, vjp = jax.vjp(fwd, q, k, v, s0)
+    return vjp(out)
+
+  x = jax.ShapeDtypeStruct((B, T, H, D), dtype)
+  s = jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)
+  exported = jax.export.export(jax.jit(fwd_bwd if backward else fwd), platforms=[platform])(
+      x, x, x, s)
+  return exported, marker
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("impl", ["pallas_tpu"])
+def test_export_lowers(impl, dtype, backward):
+  exported, marker = _export(impl, dtype, backward)
+  text = exported.mlir_module()
+  assert text.count(marker) >= (2 if backward else 1)   # forward (+ backward) kernel
+  assert len(exported.serialize()) > 0
+  assert exported.out_avals[0].shape == (B, T, H, D)   # o, or dq for the backward
