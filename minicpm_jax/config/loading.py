@@ -92,8 +92,9 @@ def model_errors(raw: Mapping[str, Any]) -> list[str]:
     except ValidationError as e:
         errors = [_describe(err, ModelConfig, "model") for err in e.errors()]
         bad = {err["loc"][0] for err in e.errors()}
-        try:  # rules still apply to the fields that did validate
-            errors += ModelConfig.model_validate({k: v for k, v in raw.items() if k not in bad}).validate_rules()
+        try:  # rules still apply to the fields that did validate (defaults stand in for the others)
+            rules = ModelConfig.model_validate({k: v for k, v in raw.items() if k not in bad}).validate_rules()
+            errors += [r for r in rules if not any(str(b) in r for b in bad)]
         except ValidationError:
             pass
         return errors

@@ -45,7 +45,7 @@ def param_variables(model_or_state) -> list[tuple[tuple, nnx.Variable]]:
 
 def layout(model_or_state) -> dict[str, Entry]:
     """``{hf key: Entry}`` for every parameter (abstract or concrete)."""
-    return {hf_key(p): Entry(p, tuple(v.value.shape), v.get_metadata().get("fan_in_dims", 0))
+    return {hf_key(p): Entry(p, tuple(v.get_value().shape), v.get_metadata().get("fan_in_dims", 0))
             for p, v in param_variables(model_or_state)}
 
 

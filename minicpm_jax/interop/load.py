@@ -51,7 +51,7 @@ def load_hf_checkpoint(directory: str | Path, *, mesh: Mesh | None = None, dtype
         loaded = []
         for key, entry in entries.items():
             host = from_hf(handles[files[key]].get_tensor(key), entry).astype(param_dtype)
-            target = shardings[entry.path].value if mesh is not None else None
+            target = shardings[entry.path].get_value() if mesh is not None else None
             loaded.append((entry.path, jax.device_put(host, target)))
     flat = dict(nnx.to_flat_state(abstract_state))
     state = nnx.from_flat_state([(path, flat[path].replace(value)) for path, value in loaded])

@@ -31,7 +31,7 @@ def param_axes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], tuple[str 
     """``{dotted path: (shape, logical axes)}`` of every parameter."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        out[".".join(map(str, path))] = (tuple(var.value.shape), var.get_metadata()["logical_axes"])
+        out[".".join(map(str, path))] = (tuple(var.get_value().shape), var.get_metadata()["logical_axes"])
     return out
 
 
@@ -47,7 +47,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     def one(path, var):
         name = ".".join(str(getattr(k, "key", k)) for k in path)
         axes = var.get_metadata()["logical_axes"]
-        errors.extend(divisibility_errors(mesh, name, var.value.shape, axes))
+        errors.extend(divisibility_errors(mesh, name, var.get_value().shape, axes))
         return var.replace(jax.sharding.NamedSharding(mesh, logical_spec(axes)))
 
     shardings = jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)

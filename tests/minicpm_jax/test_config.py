@@ -1,0 +1,93 @@
+"""Presets, overrides, official config.json loading, and the one-error-for-everything rule."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from minicpm_jax.config import (ConfigError, ModelConfig, build_config, load_config, model_config_from_hf,
+                                model_config_to_hf, preset_names)
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _official(name):
+    path = DATA / name
+    if not path.is_file():
+        pytest.fail(f"reference file {path} is missing (expected ../shared/data beside the repo)")
+    return json.loads(path.read_text())
+
+
+def test_presets_all_validate():
+    names = preset_names()
+    for required in ("minicpm4-0.5b", "minicpm4-8b", "minicpm4.1-8b", "minicpm-sala-9b", "tiny-minicpm4"):
+        assert required in names
+    for name in names:
+        assert isinstance(load_config(name).model, ModelConfig)
+
+
+def test_official_config_json_equals_preset():
+    assert model_config_from_hf(_official("minicpm4-0.5b.config.json")) == load_config("minicpm4-0.5b").model
+    assert model_config_from_hf(_official("minicpm-sala-9b.config.json")) == load_config("minicpm-sala-9b").model
+
+
+def test_preset_05b_values_from_spec():
+    cfg = load_config("minicpm4-0.5b").model
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 1024, 16, 2)
+    assert cfg.tie_word_embeddings and cfg.vocab_size == 73448 and cfg.rms_norm_eps == 1e-5
+    assert cfg.residual_scale == pytest.approx(0.285774, abs=1e-6) and cfg.logit_divisor == 4
+    sala = load_config("minicpm-sala-9b").model
+    assert [i for i, m in enumerate(sala.layer_mixers) if m == "minicpm4"] == [0, 9, 16, 17, 22, 29, 30, 31]
+
+
+@pytest.mark.parametrize("name", ["minicpm4-0.5b", "minicpm4-8b", "minicpm-sala-9b", "tiny-minicpm4-longrope"])
+def test_hf_config_round_trip(name):
+    cfg = load_config(name).model
+    assert model_config_from_hf(json.loads(json.dumps(model_config_to_hf(cfg)))) == cfg
+
+
+def test_dotted_overrides():
+    cfg = load_config("minicpm4-0.5b", ["model.num_hidden_layers=4", "dtype=float32", "mesh.tensor=2",
+                                        "model.sparse_config.topk=8"])
+    assert cfg.model.num_hidden_layers == 4 and cfg.dtype == "float32" and cfg.mesh.tensor == 2
+    assert cfg.model.sparse_config.topk == 8 and cfg.model.sparse_config.block_size == 64
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny-minicpm4", [
+            "model.hidden_sizee=64",            # unknown key
+            "model.num_hidden_layers=two",      # wrong type
+            "model.num_attention_heads=5",      # does not divide hidden size 64
+            "model.num_key_value_heads=3",      # does not divide heads
+            "model.mixer_types=[minicpm4, mamba, minicpm4]",  # wrong length + unknown mixer
+            "mesh.tensr=2",                     # unknown key in another section
+        ])
+    text = str(info.value)
+    for needle in ("model.hidden_sizee: unknown key; allowed keys:", "hidden_size", "model.num_hidden_layers:",
+                   "'two'", "model.num_attention_heads: 5 does not divide model.hidden_size 64",
+                   "model.num_key_value_heads: 3 must be a positive divisor of num_attention_heads 5",
+                   "model.mixer_types: unknown mixer type(s) ['mamba']; allowed: ['minicpm4', 'lightning-attn']",
+                   "mesh.tensr: unknown key; allowed keys: data, fsdp, sequence, tensor"):
+        assert needle in text, (needle, text)
+    assert "model.rope_scaling.long_factor: has 8 values, head_dim/2 is 6" in text  # 64 // 5 = 12
+    assert "has 3 entries" not in text  # the length rule needs a valid num_hidden_layers
+    assert len(info.value.errors) == 8
+
+
+def test_mixer_length_mismatch():
+    with pytest.raises(ConfigError, match=r"model.mixer_types: has 3 entries, num_hidden_layers is 2"):
+        build_config({"model": {**load_config("tiny-minicpm4").model.model_dump(),
+                                "mixer_types": ["minicpm4"] * 3}})
+
+
+def test_unknown_preset_and_bad_override():
+    with pytest.raises(ConfigError, match="no preset or file 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config("tiny-minicpm4", ["model.num_hidden_layers"])
+
+
+def test_unsupported_model_type():
+    with pytest.raises(ConfigError, match=r"model_type: 'qwen2' is not supported"):
+        model_config_from_hf({"model_type": "qwen2", "hidden_size": 64})
