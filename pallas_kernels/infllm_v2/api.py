@@ -36,6 +36,12 @@ def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None,
   q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n], -1 = unused slot.
   """
   impl = resolve_implementation(implementation, segment_ids)
+  want = (q.shape[0], k.shape[2], q.shape[1])
+  if block_idx.ndim != 4 or tuple(block_idx.shape[:3]) != want:
+    raise ValueError(f"block_idx shape {tuple(block_idx.shape)} must be [B, Hkv, T, n] with "
+                     f"[B, Hkv, T] = {list(want)}")
+  if not jnp.issubdtype(block_idx.dtype, jnp.integer):
+    raise ValueError(f"block_idx dtype {block_idx.dtype} must be an integer type")
   if impl == "reference":
     return reference.block_sparse_attention(q, k, v, block_idx, block_size=block_size,
                                             segment_ids=segment_ids)
