@@ -8,11 +8,11 @@ shardings from the annotated parameters and the few activation constraints.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from minicpm_jax.config.schema import MeshConfig
 
@@ -38,9 +38,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor, sequence)`` mesh; one axis may be -1 to take the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes of ``cfg`` for ``num_devices`` devices; one axis may be -1 to take what is left."""
     sizes = {a: getattr(cfg, a) for a in MESH_AXES}
     fill = [a for a, s in sizes.items() if s == -1]
     bad = [f"mesh.{a}: {s} (must be a positive size or -1)" for a, s in sizes.items() if s == 0 or s < -1]
@@ -50,14 +49,20 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ValueError("invalid mesh:\n  " + "\n  ".join(bad))
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if fill:
-        if len(devices) % fixed:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+        if num_devices % fixed:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
                              f"{ {a: s for a, s in sizes.items() if s != -1} } (product {fixed})")
-        sizes[fill[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
+        sizes[fill[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
         raise ValueError(f"mesh: axes {sizes} use {math.prod(sizes.values())} devices, "
-                         f"but {len(devices)} are available")
-    shape = tuple(sizes[a] for a in MESH_AXES)
+                         f"but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor, sequence)`` mesh over ``devices`` (default: all) with Auto axis types."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = tuple(mesh_shape(cfg, len(devices)).values())
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -66,23 +71,21 @@ def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(LOGICAL_RULES[a] if a is not None else None for a in axes))
 
 
-def named_sharding(mesh: Mesh, name: str, shape: Sequence[int], axes: Sequence[str | None]) -> NamedSharding:
-    """Sharding of one array; raises if a mesh axis does not divide the dimension it shards."""
-    errors = divisibility_errors(mesh, name, shape, axes)
-    if errors:
-        raise ValueError("mesh does not fit the parameters:\n  " + "\n  ".join(errors))
-    return NamedSharding(mesh, logical_spec(axes))
-
-
-def divisibility_errors(mesh: Mesh, name: str, shape: Sequence[int], axes: Sequence[str | None]) -> list[str]:
+def divisibility_errors(mesh_sizes: Mapping[str, int], name: str, shape: Sequence[int],
+                        axes: Sequence[str | None]) -> list[str]:
     """One message per dimension of ``name`` that its mesh axes do not divide."""
     errors = []
     for dim, (size, logical) in enumerate(zip(shape, axes)):
-        rule = LOGICAL_RULES[logical] if logical else None
-        if size % _mesh_size(mesh, rule):
+        n = shard_count(mesh_sizes, logical)
+        if size % n:
             errors.append(f"{name}: dimension {dim} ({logical}={size}) is not divisible by mesh axis "
-                          f"{'x'.join(_as_tuple(rule))} of size {_mesh_size(mesh, rule)}")
+                          f"{'x'.join(_as_tuple(LOGICAL_RULES[logical]))} of size {n}")
     return errors
+
+
+def shard_count(mesh_sizes: Mapping[str, int], logical: str | None) -> int:
+    """Number of pieces a dimension with logical axis ``logical`` is split into."""
+    return _mesh_size(mesh_sizes, LOGICAL_RULES[logical] if logical else None)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -91,7 +94,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     spec = [LOGICAL_RULES[a] if a else None for a in axes]
-    spec = [s if n % _mesh_size(mesh, s) == 0 else None for s, n in zip(spec, x.shape)]
+    spec = [s if n % _mesh_size(mesh.shape, s) == 0 else None for s, n in zip(spec, x.shape)]
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
@@ -99,6 +102,6 @@ def _as_tuple(rule) -> tuple[str, ...]:
     return (rule,) if isinstance(rule, str) else tuple(rule or ())
 
 
-def _mesh_size(mesh, rule) -> int:
+def _mesh_size(mesh_sizes: Mapping[str, int], rule) -> int:
     """Number of devices a rule's mesh axes span."""
-    return math.prod(mesh.shape[a] for a in _as_tuple(rule))
+    return math.prod(mesh_sizes[a] for a in _as_tuple(rule))

@@ -47,6 +47,7 @@ def export_config(cfg: ModelConfig, fmt: str, torch_dtype: str) -> dict[str, Any
         orig = cfg.rope_scaling.original_max_position_embeddings
         factors = [float(f) for f in ext]
         out["rope_scaling"] = {"rope_type": "longrope", "long_factor": factors, "short_factor": factors,
+                               "factor": cfg.max_position_embeddings / orig,
                                "original_max_position_embeddings": orig, "attention_factor": mscale}
         out["original_max_position_embeddings"] = orig  # transformers reads this top-level field
     return out

@@ -12,7 +12,7 @@ from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.layers import Linear
-from minicpm_jax.model.rope import apply_rope
+from minicpm_jax.model.rope import apply_rope, rope_cos_sin
 from minicpm_jax.sharding import constrain
 
 
@@ -45,19 +45,21 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype):
         h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.use_rope = cfg.attn_use_rope
+        self.config = cfg
         self.q_proj = Linear((h,), (nh, hd), ("embed", "heads", "head_dim"), **kw)
         self.k_proj = Linear((h,), (nkv, hd), ("embed", "kv_heads", "head_dim"), **kw)
         self.v_proj = Linear((h,), (nkv, hd), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Linear((nh, hd), (h,), ("heads", "head_dim", "embed"), **kw)
         self.o_gate = Linear((h,), (nh, hd), ("embed", "heads", "head_dim"), **kw) if cfg.attn_use_output_gate else None
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        cfg = self.config
         q = constrain(self.q_proj(x), ("batch", "act_seq", "act_heads", None))
         k, v = self.k_proj(x), self.v_proj(x)
-        if self.use_rope:
+        if cfg.attn_use_rope:
+            cos, sin = rope_cos_sin(cfg, cfg.attn_head_dim, positions)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = dot_product_attention(q, k, v, mask)
+        o = dot_product_attention(q, k, v, causal_mask(segment_ids, *x.shape[:2]))
         if self.o_gate is not None:
             o = o * jax.nn.sigmoid(self.o_gate(x))
         return self.o_proj(o)

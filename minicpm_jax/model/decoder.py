@@ -12,17 +12,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
-from minicpm_jax.model.attention import Attention, causal_mask
+from minicpm_jax.model.attention import Attention
+from minicpm_jax.model.lightning import LightningAttention
 from minicpm_jax.model.layers import MLP, Embed, Linear, RMSNorm, mup_init_std
-from minicpm_jax.model.rope import rope_cos_sin
 from minicpm_jax.sharding import constrain
 
 
-def _mixer(kind: str, cfg: ModelConfig, **kw) -> nnx.Module:
-    if kind == "minicpm4":
-        return Attention(cfg, **kw)
-    raise NotImplementedError(f"mixer type {kind!r} is not built by this version of the model; "
-                              "only 'minicpm4' layers are available (Lightning layers land with MiniCPM-SALA)")
+MIXERS = {"minicpm4": Attention, "lightning-attn": LightningAttention}
 
 
 class DecoderLayer(nnx.Module):
@@ -32,12 +28,12 @@ class DecoderLayer(nnx.Module):
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.residual_scale = cfg.residual_scale
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = _mixer(kind, cfg, **kw)
+        self.self_attn = MIXERS[kind](cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask) * self.residual_scale
+    def __call__(self, x, positions, segment_ids):
+        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids) * self.residual_scale
         x = x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
         return constrain(x, ("batch", "act_seq", "act_embed"))
 
@@ -78,12 +74,10 @@ class MiniCPMForCausalLM(nnx.Module):
                                       "InfLLM v2 sparse attention is not wired into the model yet")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        cos, sin = rope_cos_sin(cfg, cfg.attn_head_dim, positions)
-        mask = causal_mask(segment_ids, b, t)
         x = self.model.embed_tokens(input_ids) * jnp.asarray(cfg.scale_emb, self.dtype)
         x = constrain(x, ("batch", "act_seq", "act_embed"))
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, positions, segment_ids)
         return self.model.norm(x)
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -47,7 +47,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     def one(path, var):
         name = ".".join(str(getattr(k, "key", k)) for k in path)
         axes = var.get_metadata()["logical_axes"]
-        errors.extend(divisibility_errors(mesh, name, var.get_value().shape, axes))
+        errors.extend(divisibility_errors(mesh.shape, name, var.get_value().shape, axes))
         return var.replace(jax.sharding.NamedSharding(mesh, logical_spec(axes)))
 
     shardings = jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)

@@ -23,7 +23,7 @@ def test_llama_export_matches_in_pytorch(preset, overrides, tmp_path):
     cfg = load_config(preset, overrides).model
     model = create_model(cfg, seed=11, dtype=jnp.float32)
     save_hf_checkpoint(model, cfg, tmp_path / "llama", format="llama", dtype="float32")
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", torch_dtype=torch.float32)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32)
     hf.eval()
     # shorter than original_max_position_embeddings: transformers would pick short factors by length
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 48))

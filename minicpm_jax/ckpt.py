@@ -1,0 +1,70 @@
+"""Native model checkpoints: ``model.yaml`` (the model config) + ``params/`` (an orbax checkpoint).
+
+Restoring places every parameter directly onto its sharding for the given mesh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from minicpm_jax.config.loading import build_model_config, load_config
+from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.interop import load_hf_checkpoint
+from minicpm_jax.interop.files import atomic_directory
+from minicpm_jax.model.decoder import MiniCPMForCausalLM
+from minicpm_jax.model.factory import abstract_model, create_model, state_shardings
+
+CONFIG_NAME = "model.yaml"
+
+
+def save_model(model: MiniCPMForCausalLM, cfg: ModelConfig, directory: str | Path) -> Path:
+    """Write the model config and parameters; the directory appears complete or not at all."""
+    directory = Path(directory).resolve()
+    with atomic_directory(directory) as tmp:
+        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.wait_until_finished()
+    return directory
+
+
+def is_native_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / CONFIG_NAME).is_file() and (Path(directory) / "params").is_dir()
+
+
+def load_model(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+    """``(config, model)`` of a checkpoint written by ``save_model``."""
+    directory = Path(directory).resolve()
+    if not is_native_checkpoint(directory):
+        raise FileNotFoundError(f"{directory}: not a minicpm_jax checkpoint (needs {CONFIG_NAME} and params/)")
+    cfg = build_model_config(yaml.safe_load((directory / CONFIG_NAME).read_text()), str(directory / CONFIG_NAME))
+    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    else:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), nnx.to_pure_dict(state))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(state), shardings)
+    restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+    nnx.replace_by_pure_dict(state, restored)
+    return cfg, nnx.merge(graphdef, state)
+
+
+def load_any(source: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+             seed: int = 0) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+    """A model from a native checkpoint, a Hugging Face directory, or a preset (fresh initialisation)."""
+    path = Path(source)
+    if is_native_checkpoint(path):
+        return load_model(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+    if (path / "config.json").is_file():
+        return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+    cfg = load_config(str(source)).model
+    return cfg, create_model(cfg, mesh=mesh, seed=seed, dtype=dtype, param_dtype=param_dtype)

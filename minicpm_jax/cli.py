@@ -1,0 +1,136 @@
+"""The ``minicpm-jax`` command line: demo, info, import-hf, export-hf.
+
+Every command takes ``section.key=value`` overrides of the run config (``mesh.fsdp=4``,
+``dtype=float32``, and for ``info`` also ``model.num_hidden_layers=4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from minicpm_jax.config import ConfigError, build_config, load_config
+from minicpm_jax.config.loading import apply_overrides
+
+console = Console(soft_wrap=True)
+
+
+def _run_config(overrides):
+    """Root config for commands whose model comes from a checkpoint (model keys are not accepted)."""
+    if any(o.startswith("model.") for o in overrides):
+        raise ConfigError(["model.*: this command takes the model from its checkpoint; "
+                           "only mesh.*, dtype, param_dtype and seed can be overridden"])
+    return build_config(apply_overrides({}, overrides))
+
+
+def cmd_info(args) -> None:
+    from minicpm_jax.info import human_bytes, human_count, model_info
+
+    cfg = load_config(args.model, args.overrides)
+    info = model_info(cfg, args.devices or jax.device_count())
+    m = cfg.model
+    kinds = {k: m.layer_mixers.count(k) for k in dict.fromkeys(m.layer_mixers)}
+    console.print(f"[bold]{args.model}[/]: {human_count(info.params)} parameters ({info.params:,}); "
+                  f"non-embedding {human_count(info.params - info.embedding_params)}")
+    console.print(f"layers {m.num_hidden_layers} {kinds}, hidden {m.hidden_size}, heads {m.num_attention_heads}"
+                  f"x{m.attn_head_dim} (kv {m.num_key_value_heads}), ffn {m.intermediate_size}, vocab "
+                  f"{m.vocab_size}, {'tied' if m.tie_word_embeddings else 'untied'} head"
+                  + (", InfLLM v2 sparse" if m.sparse_config else ""))
+    table = Table(title=f"per device on mesh {info.mesh} ({args.devices or jax.device_count()} devices)")
+    for col in ("parameters", f"params ({cfg.param_dtype})", f"gradients ({cfg.param_dtype})",
+                "AdamW m+v (fp32)", "total"):
+        table.add_column(col, justify="right")
+    total = info.param_bytes + info.grad_bytes + info.optimizer_bytes
+    table.add_row(human_count(info.params_per_device), human_bytes(info.param_bytes),
+                  human_bytes(info.grad_bytes), human_bytes(info.optimizer_bytes), human_bytes(total))
+    console.print(table)
+
+
+def cmd_import_hf(args) -> None:
+    from minicpm_jax.ckpt import save_model
+    from minicpm_jax.interop import load_hf_checkpoint
+    from minicpm_jax.sharding import make_mesh
+
+    cfg = _run_config(args.overrides)
+    start = time.perf_counter()
+    model_cfg, model = load_hf_checkpoint(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
+    out = save_model(model, model_cfg, args.output)
+    console.print(f"imported {args.hf_dir} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) "
+                  f"-> {out} in {time.perf_counter() - start:.1f}s")
+
+
+def cmd_export_hf(args) -> None:
+    from minicpm_jax.ckpt import load_any
+    from minicpm_jax.interop import save_hf_checkpoint
+    from minicpm_jax.sharding import make_mesh
+
+    cfg = _run_config(args.overrides)
+    start = time.perf_counter()
+    model_cfg, model = load_any(args.source, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype, seed=cfg.seed)
+    out = save_hf_checkpoint(model, model_cfg, args.output, format=args.format, dtype=args.dtype,
+                             tokenizer_dir=args.tokenizer, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    files = sorted(p.name for p in out.iterdir())
+    console.print(f"exported {args.source} as format={args.format} ({args.dtype}) -> {out} "
+                  f"in {time.perf_counter() - start:.1f}s: {', '.join(files)}")
+
+
+def cmd_demo(args) -> None:
+    from minicpm_jax.demo import run_demo
+
+    run_demo(Path(args.output), args.overrides, console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicpm-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="tiny MiniCPM4: build, run, export to Hugging Face, reload in PyTorch")
+    p.add_argument("--output", default="outputs/demo", help="where the exported checkpoints go")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
+    p.add_argument("model", help="preset name (see configs/models) or a YAML file")
+    p.add_argument("--devices", type=int, default=None, help="device count for the mesh (default: this host's)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("import-hf", help="Hugging Face checkpoint directory -> minicpm_jax checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="checkpoint, HF directory or preset -> Hugging Face directory")
+    p.add_argument("source", help="minicpm_jax checkpoint, Hugging Face directory, or preset (fresh init)")
+    p.add_argument("output")
+    p.add_argument("--format", choices=("minicpm", "llama"), default="minicpm")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied along")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors above this size")
+    p.set_defaults(func=cmd_export_hf)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like mesh.fsdp=4)")
+    args.overrides = extra
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

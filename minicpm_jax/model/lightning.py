@@ -1,0 +1,61 @@
+"""Lightning linear-attention mixer (the ``"lightning-attn"`` layer of MiniCPM-SALA), spec/sala.md 1.5.
+
+Order of the official forward: q/k/v projections (full MHA), per-head RMSNorm on q and k *before*
+RoPE, the Lightning recurrence with SALA's ALiBi decays in fp32, cast back, RMSNorm over the full
+width (``o_norm``), times ``sigmoid(z_proj(x))``, then ``o_proj``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.model.layers import Linear, RMSNorm
+from minicpm_jax.model.rope import apply_rope, rope_cos_sin
+from pallas_kernels.lightning import alibi_slopes, lightning_attention
+
+
+class LightningAttention(nnx.Module):
+    """``self_attn`` of a ``"lightning-attn"`` layer."""
+
+    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
+                 implementation: str = "auto"):
+        h, nh, nkv, hd = cfg.hidden_size, cfg.lightning_nh, cfg.lightning_nkv, cfg.lightning_head_dim
+        kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kv_axis = "heads" if nkv == nh else "kv_heads"
+        self.config, self.dtype, self.implementation = cfg, dtype, implementation
+        self.q_proj = Linear((h,), (nh, hd), ("embed", "heads", "head_dim"), **kw)
+        self.k_proj = Linear((h,), (nkv, hd), ("embed", kv_axis, "head_dim"), **kw)
+        self.v_proj = Linear((h,), (nkv, hd), ("embed", kv_axis, "head_dim"), **kw)
+        self.o_proj = Linear((nh, hd), (h,), ("heads", "head_dim", "embed"), **kw)
+        self.z_proj = Linear((h,), (nh, hd), ("embed", "heads", "head_dim"), **kw) if cfg.use_output_gate else None
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.qk_norm else None
+        self.o_norm = RMSNorm(nh * hd, cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.use_output_norm else None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) are not supported by lightning-attn layers: "
+                             "the recurrent state would carry across documents")
+        cfg = self.config
+        nh, hd = cfg.lightning_nh, cfg.lightning_head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.lightning_use_rope:
+            cos, sin = rope_cos_sin(cfg, hd, positions)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k.shape[2] != nh:
+            k, v = (jnp.repeat(a, nh // a.shape[2], axis=2) for a in (k, v))
+        log_decay = -jnp.asarray(alibi_slopes(nh))
+        o = lightning_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), log_decay,
+                                scale=hd**-0.5, implementation=self.implementation)
+        b, t = x.shape[:2]
+        o = o.reshape(b, t, nh * hd).astype(self.dtype)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        if self.z_proj is not None:
+            o = o * jax.nn.sigmoid(self.z_proj(x)).reshape(b, t, nh * hd)
+        return self.o_proj(o.reshape(b, t, nh, hd))

@@ -1,0 +1,63 @@
+"""The ``minicpm-jax`` commands, run in-process through ``cli.main``."""
+
+import json
+
+import pytest
+
+from minicpm_jax import cli
+from minicpm_jax.ckpt import load_model
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("minicpm4-0.5b", "433.9M parameters (433,873,920)"),
+    ("minicpm4-8b", "8.19B parameters (8,185,253,888)"),
+    ("minicpm-sala-9b", "9.48B parameters (9,477,203,968)"),
+])
+def test_info_counts(capsys, preset, expected):
+    code, out = run(capsys, "info", preset, "mesh.fsdp=8", "--devices", "8")
+    assert code == 0 and expected in out
+
+
+def test_info_per_device_bytes(capsys):
+    code, out = run(capsys, "info", "minicpm4-0.5b", "mesh.fsdp=4", "mesh.tensor=2", "--devices", "8")
+    assert code == 0
+    # embedding split 8 ways (vocab x tensor, embed x fsdp); q/o/MLP 8 ways; k/v 4 ways (KV heads are
+    # replicated over tensor); norms replicated
+    layer = 1024 * 1024 * 2 // 8 + 2 * 1024 * 128 // 4 + 3 * 1024 * 4096 // 8 + 2 * 1024
+    per_device = 73448 * 1024 // 8 + 24 * layer + 1024
+    assert per_device == 55_064_576
+    assert "55.1M" in out and f"{per_device * 4 / 2**20:.1f} MiB" in out and f"{per_device * 8 / 2**20:.1f} MiB" in out
+
+
+def test_info_errors(capsys):
+    code, out = run(capsys, "info", "minicpm4-0.5b", "mesh.tensor=32", "--devices", "32")
+    assert code == 2 and "q_proj.kernel: dimension 1 (heads=16) is not divisible by mesh axis tensor of size 32" in out
+    code, out = run(capsys, "info", "minicpm4-0.5b", "model.hidden_sise=3")
+    assert code == 2 and "model.hidden_sise: unknown key" in out
+
+
+def test_export_import_commands(capsys, tmp_path):
+    code, out = run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"), "--dtype", "float32", "seed=3")
+    assert code == 0 and "model.safetensors" in out
+    code, out = run(capsys, "import-hf", str(tmp_path / "hf"), str(tmp_path / "native"), "mesh.fsdp=2", "mesh.data=4")
+    assert code == 0 and "imported" in out
+    cfg, _ = load_model(tmp_path / "native")
+    assert cfg.num_hidden_layers == 2
+    code, out = run(capsys, "export-hf", str(tmp_path / "native"), str(tmp_path / "llama"), "--format", "llama")
+    assert code == 0
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    code, out = run(capsys, "import-hf", str(tmp_path / "hf"), str(tmp_path / "x"), "model.vocab_size=3")
+    assert code == 2 and "takes the model from its checkpoint" in out
+
+
+@pytest.mark.torch
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code, out = run(capsys, "demo", "--output", str(tmp_path))
+    assert code == 0 and "[5/5]" in out and "PyTorch" in out
+    assert (tmp_path / "hf-llama" / "model.safetensors").is_file()
