@@ -85,21 +85,31 @@ class _Ops:
     if not self.interpret:
       plgpu.commit_smem()
 
-  def mm(self, a, b, ta=False, tb=False):
-    """fp32 ``op(a)·op(b)``; ``a`` a ref or a 16-bit register tile (not transposed), ``b`` a ref."""
+  def mm(self, terms, init=None):
+    """fp32 ``init + Σ op(a)·op(b)`` over ``terms = [(a, b, ta, tb), ...]`` in one accumulator.
+
+    ``a`` is a ref or a 16-bit register tile (never transposed), ``b`` a ref.
+    """
     if self.interpret:
-      av = a[...] if not isinstance(a, jax.Array) else a
-      return lax.dot_general(av, b[...], (((0 if ta else 1,), (1 if tb else 0,)), ((), ())),
-                             preferred_element_type=_F32)
-    a_op = plgpu.transpose_ref(a, (1, 0)) if ta else a
-    b_op = plgpu.transpose_ref(b, (1, 0)) if tb else b
-    m = a.shape[1] if ta else a.shape[0]
-    n = b.shape[0] if tb else b.shape[1]
+      out = init
+      for a, b, ta, tb in terms:
+        av = a if isinstance(a, jax.Array) else a[...]
+        d = lax.dot_general(av, b[...], (((0 if ta else 1,), (1 if tb else 0,)), ((), ())),
+                            preferred_element_type=_F32)
+        out = d if out is None else out + d
+      return out
+    a, b, ta, tb = terms[0]
+    shape = (a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1])
 
     def body(acc):
-      plgpu.wgmma(acc, a_op, b_op)
-      return acc[...]
-    return pl.run_scoped(body, plgpu.ACC((m, n), _F32))
+      for a, b, ta, tb in terms:
+        plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                    plgpu.transpose_ref(b, (1, 0)) if tb else b)
+      if init is None:
+        return acc[...]
+    if init is None:
+      return pl.run_scoped(body, plgpu.ACC(shape, _F32))
+    return pl.run_state(body)(plgpu.ACC.init(init))
 
 
 def _init(ops, first, s16):
@@ -109,15 +119,20 @@ def _init(ops, first, s16):
     ops.commit()
 
 
-def _state_step(ops, first, s32, s16, bvec, update):
-  """``S ← λ^C·S + update`` with S in fp32 SMEM (``s32``) and a 16-bit copy (``s16``)."""
+def _state_step(ops, first, s32, s16, bvec, x, y):
+  """``S ← λ^C·S + xᵀ y`` on the fp32 SMEM state ``s32`` (and its 16-bit copy ``s16``), in
+  64-row slices so one warpgroup holds only a ``[64, Dv]`` accumulator at a time."""
   @pl.when(first)
   def _():
     s32[...] = ops.zeros(s32.shape, _F32)
 
-  s = ops.row_scale(bvec, s32.shape) * ops.load(s32) + update
-  s32[...] = s
-  s16[...] = s.astype(s16.dtype)
+  for r in range(0, s32.shape[0], 64):
+    rows = pl.ds(r, 64)
+    shape = (64, s32.shape[1])
+    init = ops.row_scale(bvec.at[rows], shape) * ops.load(s32.at[rows])
+    s = ops.mm([(x.at[:, rows], y, True, False)], init=init)
+    s32.at[rows][...] = s
+    s16.at[rows][...] = s.astype(s16.dtype)
   ops.commit()
 
 
@@ -125,10 +140,10 @@ def _fwd_kernel(q, qd, k, kd, v, intra, bvec, o_ref, st_ref, s32, s16, *, ops, l
   """``o = ((Q Kᵀ) ⊙ D) V + (Q·λ^{i+1}) S``; ``S ← λ^C S + (K·λ^{C−1−j})ᵀ V``."""
   first = pl.program_id(1) == 0
   _init(ops, first, s16)
-  p = (ops.mm(q, k, tb=True) * ops.load(intra)).astype(q.dtype)
-  o = ops.mm(p, v) + ops.mm(qd, s16)                          # s16 = state entering the chunk
+  p = (ops.mm([(q, k, False, True)]) * ops.load(intra)).astype(q.dtype)
+  o = ops.mm([(p, v, False, False), (qd, s16, False, False)])   # s16 = state entering the chunk
   o_ref[...] = o.astype(o_ref.dtype)
-  _state_step(ops, first, s32, s16, bvec, ops.mm(kd, v, ta=True))
+  _state_step(ops, first, s32, s16, bvec, kd, v)
 
   row = pl.program_id(0)
 
@@ -142,9 +157,9 @@ def _dq_kernel(k, kd, v, do, dod, intra, bvec, dq_ref, s32, s16, *, ops, last):
   del last
   first = pl.program_id(1) == 0
   _init(ops, first, s16)
-  ds = (ops.mm(do, v, tb=True) * ops.load(intra)).astype(k.dtype)
-  dq_ref[...] = (ops.mm(ds, k) + ops.mm(dod, s16, tb=True)).astype(dq_ref.dtype)
-  _state_step(ops, first, s32, s16, bvec, ops.mm(kd, v, ta=True))
+  ds = (ops.mm([(do, v, False, True)]) * ops.load(intra)).astype(k.dtype)
+  dq_ref[...] = ops.mm([(ds, k, False, False), (dod, s16, False, True)]).astype(dq_ref.dtype)
+  _state_step(ops, first, s32, s16, bvec, kd, v)
 
 
 def _dkv_kernel(x, a, b, xd, qd, intra_t, bvec, out_ref, s32, s16, *, ops, last, for_dk):
@@ -157,9 +172,9 @@ def _dkv_kernel(x, a, b, xd, qd, intra_t, bvec, out_ref, s32, s16, *, ops, last,
   del last
   first = pl.program_id(1) == 0
   _init(ops, first, s16)
-  sc = (ops.mm(x, a, tb=True) * ops.load(intra_t)).astype(x.dtype)
-  out_ref[...] = (ops.mm(sc, b) + ops.mm(xd, s16, tb=for_dk)).astype(out_ref.dtype)
-  _state_step(ops, first, s32, s16, bvec, ops.mm(qd, a if for_dk else b, ta=True))
+  sc = (ops.mm([(x, a, False, True)]) * ops.load(intra_t)).astype(x.dtype)
+  out_ref[...] = ops.mm([(sc, b, False, False), (xd, s16, False, for_dk)]).astype(out_ref.dtype)
+  _state_step(ops, first, s32, s16, bvec, qd, a if for_dk else b)
 
 
 def _call(kernel, ins, extra, out_dim, state_dims, *, h, reverse=False, interpret, **kw):

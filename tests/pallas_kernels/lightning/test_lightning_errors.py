@@ -33,6 +33,18 @@ def test_bad_inputs(kwargs, match):
     lightning_attention(args["q"], args["k"], args["v"], args["log_decay"], **kwargs)
 
 
+@pytest.mark.parametrize("dtype,dims,chunk,match", [
+    (jnp.float32, 64, 64, "bfloat16/float16 inputs"),
+    (jnp.bfloat16, 64, 32, "chunk_size for pallas_gpu must be 64"),
+    (jnp.bfloat16, 48, 64, "head dims"),
+])
+def test_pallas_gpu_limits(dtype, dims, chunk, match):
+  q, k, v, _ = inputs(8, dk=dims, dv=dims, dtype=dtype)
+  with pytest.raises(ValueError, match=match):
+    lightning_attention(q, k, v, LOG_DECAY, implementation="pallas_gpu", interpret=True,
+                        chunk_size=chunk)
+
+
 def test_bf16_pallas_tpu_chunk_tiling():
   with pytest.raises(ValueError, match="multiple of 16"):
     lightning_attention(Q.astype(jnp.bfloat16), K.astype(jnp.bfloat16), V.astype(jnp.bfloat16),

@@ -6,11 +6,11 @@ from lightning_helpers import forward_and_grads, inputs, rel_err
 
 # (T, chunk_size): T = 1, 17, 64, 200, 1000 with full, partial-last and single-partial chunks.
 CASES = [(1, 16), (17, 16), (64, 64), (200, 32), (200, 64), (1000, 64)]
-IMPLS = ["recurrent", "xla", "pallas_tpu"]
+IMPLS = ["recurrent", "xla", "pallas_tpu"]   # pallas_gpu (bf16/fp16 only) is tested below
 
 
-def _check(impl, t, chunk, dtype, tol):
-  q, k, v, s0 = inputs(t, dtype=dtype)
+def _check(impl, t, chunk, dtype, tol, **shape):
+  q, k, v, s0 = inputs(t, dtype=dtype, **shape)
   (o, st), grads = forward_and_grads(impl, q, k, v, s0, chunk_size=chunk)
   # Ground truth: the fp32 reference on the (possibly bf16-rounded) inputs.
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -45,3 +45,9 @@ def test_all_32_sala_heads(impl):
   (o_r, st_r), grads_r = forward_and_grads("reference", q, k, v, s0, log_decay=ld)
   assert rel_err(o, o_r) <= 1e-5 and rel_err(st, st_r) <= 1e-5
   assert max(rel_err(g, gr) for g, gr in zip(grads, grads_r)) <= 1e-5
+
+
+@pytest.mark.parametrize("t", [1, 17, 64, 200, 1000])
+def test_pallas_gpu_bf16_matches_reference(t):
+  """Mosaic GPU kernels (interpret mode): bf16 WGMMA operands, 64-wide heads, C = 64."""
+  _check("pallas_gpu", t, 64, jnp.bfloat16, 2e-2, b=1, h=4, dk=64, dv=64)
