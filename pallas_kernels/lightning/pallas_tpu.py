@@ -5,7 +5,9 @@ the fp32 ``[Dk, Dv]`` state stays resident in a VMEM scratch buffer across the c
 grid step loads one chunk of q/k/v (``[C, D]`` tiles of a ``[B, H, T, D]`` layout; C a multiple of
 the sublane tile, D the full head dim), computes ``O = ((QKᵀ) ⊙ D) V + diag(λ^{i+1}) Q S`` and
 updates ``S ← λ^L S + (diag(λ^{L−1−j}) K)ᵀ V``. The per-head log-decay is scalar-prefetched into
-SMEM; decay factors are built in-kernel as ``exp(g·Δ)`` with Δ ≥ 0. All matmuls accumulate in fp32.
+SMEM; decay factors are built in-kernel as ``exp(g·Δ)`` with Δ ≥ 0. Matmul operands are in the
+input dtype (bf16 MXU passes for bf16 inputs, full precision for fp32), accumulated in fp32;
+the state and its gradient are always fp32.
 
 The backward walks the chunks in reverse (index map ``n → N−1−n``) with the state gradient
 ``dS`` in VMEM, reading the per-chunk states written by the forward (``save_states=True``).
@@ -23,9 +25,14 @@ from .chunking import chunk_lengths, from_chunks, num_chunks, to_chunks
 _F32 = jnp.float32
 
 
-def _dot(a, b, ca, cb):
-  """``a·b`` contracting dim ``ca`` of a with ``cb`` of b (2-D), fp32 accumulation."""
-  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=lax.Precision.HIGHEST,
+def _dot(a, b, ca, cb, dtype):
+  """``a·b`` contracting dim ``ca`` of a with ``cb`` of b (2-D), fp32 accumulation.
+
+  Operands go to the MXU in the input dtype: bf16/fp16 inputs use native 16-bit passes, fp32
+  inputs use full fp32 precision (``HIGHEST``)."""
+  hi = jnp.dtype(dtype) == jnp.float32
+  return lax.dot_general(a.astype(dtype), b.astype(dtype), (((ca,), (cb,)), ((), ())),
+                         precision=lax.Precision.HIGHEST if hi else lax.Precision.DEFAULT,
                          preferred_element_type=_F32)
 
 
@@ -57,14 +64,16 @@ def _fwd_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *rest, t, c, 
     s_scr[...] = s0_ref[...].astype(_F32)
 
   intra, qdec, kdec, bdec = chunk_factors(g_ref[pl.program_id(1)], _length(n, t, c), c)
-  q = q_ref[...].astype(_F32) * scale
-  k, v = k_ref[...].astype(_F32), v_ref[...].astype(_F32)
+  dt = q_ref.dtype
+  dot = functools.partial(_dot, dtype=dt)
+  q = (q_ref[...].astype(_F32) * scale).astype(dt)
+  k, v = k_ref[...], v_ref[...]
   s = s_scr[...]
   if save:
     states_ref[...] = s
-  o = _dot(_dot(q, k, 1, 1) * intra, v, 1, 0) + qdec * _dot(q, s, 1, 0)
+  o = dot(dot(q, k, 1, 1) * intra, v, 1, 0) + qdec * dot(q, s, 1, 0)
   o_ref[...] = o.astype(o_ref.dtype)
-  s_new = bdec * s + _dot(k * kdec, v, 0, 0)
+  s_new = bdec * s + dot(k.astype(_F32) * kdec, v, 0, 0)
   s_scr[...] = s_new
 
   @pl.when(n == pl.num_programs(2) - 1)
@@ -82,16 +91,17 @@ def _bwd_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, st_ref, dsT_ref,
     ds_scr[...] = dsT_ref[...].astype(_F32)
 
   intra, qdec, kdec, bdec = chunk_factors(g_ref[pl.program_id(1)], _length(chunk, t, c), c)
-  q = q_ref[...].astype(_F32) * scale
-  k, v = k_ref[...].astype(_F32), v_ref[...].astype(_F32)
-  do = do_ref[...].astype(_F32)
+  dt = q_ref.dtype
+  dot = functools.partial(_dot, dtype=dt)
+  q = (q_ref[...].astype(_F32) * scale).astype(dt)
+  k, v, do = k_ref[...], v_ref[...], do_ref[...].astype(dt)
   s, ds = st_ref[...], ds_scr[...]                     # state entering / grad of state leaving
-  scores = _dot(q, k, 1, 1) * intra
-  dscores = _dot(do, v, 1, 1) * intra
-  dq_ref[...] = (scale * (_dot(dscores, k, 1, 0) + qdec * _dot(do, s, 1, 1))).astype(dq_ref.dtype)
-  dk_ref[...] = (_dot(dscores, q, 0, 0) + kdec * _dot(v, ds, 1, 1)).astype(dk_ref.dtype)
-  dv_ref[...] = (_dot(scores, do, 0, 0) + kdec * _dot(k, ds, 1, 0)).astype(dv_ref.dtype)
-  ds_new = bdec * ds + _dot(q * qdec, do, 0, 0)
+  scores = dot(q, k, 1, 1) * intra
+  dscores = dot(do, v, 1, 1) * intra
+  dq_ref[...] = (scale * (dot(dscores, k, 1, 0) + qdec * dot(do, s, 1, 1))).astype(dq_ref.dtype)
+  dk_ref[...] = (dot(dscores, q, 0, 0) + kdec * dot(v, ds, 1, 1)).astype(dk_ref.dtype)
+  dv_ref[...] = (dot(scores, do, 0, 0) + kdec * dot(k, ds, 1, 0)).astype(dv_ref.dtype)
+  ds_new = bdec * ds + dot(q.astype(_F32) * qdec, do, 0, 0)
   ds_scr[...] = ds_new
 
   @pl.when(n == pl.num_programs(2) - 1)
