@@ -6,6 +6,7 @@ to the state; the last chunk's real length ``L`` sets its key decay ``λ^{L−1�
 """
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _F32 = jnp.float32
 
@@ -39,8 +40,8 @@ def chunk_lengths(t: int, chunk_size: int) -> np.ndarray:
 def decay_factors(log_decay, t: int, chunk_size: int):
   """Per-head decay factors for the chunked form.
 
-  Returns ``intra [H,C,C]`` (λ^{i−j}, i ≥ j, else 0), ``qdec [H,C]`` (λ^{i+1}),
-  ``kdec [H,N,C]`` (λ^{L_n−1−j}, 0 for padded keys) and ``bdec [H,N]`` (λ^{L_n}).
+  Returns ``intra [H,C,C]`` (λ^{i−j}, i ≥ j, else 0), ``qdec [H,C]`` (λ^{i+1}) and
+  ``kdec [H,N,C]`` (λ^{L_n−1−j}, 0 for padded keys).
   """
   g = log_decay.astype(_F32)
   c = chunk_size
@@ -51,5 +52,41 @@ def decay_factors(log_decay, t: int, chunk_size: int):
   qdec = jnp.exp(g[:, None] * (i + 1.0))
   kdelta = lengths[:, None] - 1.0 - i[None, :]                   # [N,C]
   kdec = jnp.where(kdelta >= 0, jnp.exp(g[:, None, None] * jnp.maximum(kdelta, 0.0)), 0.0)
-  bdec = jnp.exp(g[:, None] * lengths[None, :])
-  return intra, qdec, kdec, bdec
+  return intra, qdec, kdec
+
+
+def chunk_scan(u, lengths, log_decay, init, group=16):
+  """Linear recurrence over chunks ``x_{n+1} = λ^{len_n}·x_n + u_n`` with ``x_0 = init``.
+
+  ``u`` is ``[B,H,N,Dk,Dv]``, ``lengths`` ``[N]`` (tokens per step, float), λ = exp(log_decay)
+  per head. Returns ``(xs [B,H,N,Dk,Dv] = x_0..x_{N−1}, x_N)``. Two-level: inside groups of
+  ``group`` chunks the contributions come from one batched matmul with a decay matrix
+  ``exp(g·Δ)`` (Δ = tokens in between ≥ 0); only ``N/group`` sequential steps remain.
+  """
+  b, h, n = u.shape[:3]
+  ng = -(-n // group)
+  pad = ng * group - n
+  u = jnp.pad(u, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+  lens = jnp.pad(jnp.asarray(lengths, _F32), (0, pad)).reshape(ng, group)   # padded: identity
+  g = log_decay.astype(_F32)[:, None, None]
+  ends = jnp.cumsum(lens, axis=1)                                  # tokens up to end of step i
+  starts = ends - lens                                             # tokens before step j
+  delta = starts[:, :, None] - ends[:, None, :]                    # [NG, j, i]
+  within = jnp.where(delta >= 0, jnp.exp(g[..., None] * jnp.maximum(delta, 0.0)), 0.0)
+  to_end = jnp.exp(g * (ends[:, -1:] - ends))                      # [H, NG, G]
+  enter = jnp.exp(g * starts)                                      # [H, NG, G]
+  total = jnp.exp(g[:, :, 0] * ends[None, :, -1])                  # [H, NG]
+  ug = u.reshape(b, h, ng, group, *u.shape[3:])
+  hi = dict(precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+  local = jnp.einsum("hgji,bhgidv->bhgjdv", within, ug, **hi)
+  exits = jnp.einsum("hgi,bhgidv->bhgdv", to_end, ug, **hi)
+
+  def step(x, xs):
+    e, t = xs
+    return t[None, :, None, None] * x + e, x
+
+  last, entering = lax.scan(step, init.astype(_F32),
+                            (jnp.moveaxis(exits, 2, 0), jnp.moveaxis(total, 1, 0)))
+  entering = jnp.moveaxis(entering, 0, 2)                          # [B,H,NG,Dk,Dv]
+  xs = enter[None, :, :, :, None, None] * entering[:, :, :, None] + local
+  return xs.reshape(b, h, ng * group, *u.shape[3:])[:, :, :n], last

@@ -3,14 +3,14 @@
 Per chunk of C tokens (local i, j; S = state entering the chunk):
 ``O = ((Q Kᵀ) ⊙ D) V + diag(λ^{i+1}) Q S`` and ``S' = λ^L S + (diag(λ^{L−1−j}) K)ᵀ V``.
 The chunk-parallel matmuls are batched over all chunks; only ``S' = λ^L S + U`` runs in a
-``lax.scan``. Memory O(T·(C + D) + N·Dk·Dv). The backward is chunk-wise too: it reuses the
+two-level ``chunk_scan`` (N/16 sequential steps). Memory O(T·(C + D) + N·Dk·Dv). The backward is chunk-wise too: it reuses the
 per-chunk states saved by the forward and runs the reverse state-gradient scan
 ``dS = λ^L dS' + (diag(λ^{i+1}) Q)ᵀ dO``.
 """
 import jax.numpy as jnp
 from jax import lax
 
-from .chunking import decay_factors, from_chunks, to_chunks
+from .chunking import chunk_lengths, chunk_scan, decay_factors, from_chunks, to_chunks
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -27,20 +27,13 @@ def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_sta
   """
   t = q.shape[1]
   c = chunk_size
-  intra, qdec, kdec, bdec = decay_factors(log_decay, t, c)
+  intra, qdec, kdec = decay_factors(log_decay, t, c)
   qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))
   qc = qc * scale
   scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
   o = _ein("bhnce,bhnev->bhncv", scores, vc)
   u = _ein("bhncd,bhncv->bhndv", kc * kdec[None, :, :, :, None], vc)
-
-  def step(s, xs):
-    u_n, b_n = xs
-    return b_n[None, :, None, None] * s + u_n, s
-
-  final, states = lax.scan(step, initial_state.astype(_F32),
-                           (jnp.moveaxis(u, 2, 0), jnp.moveaxis(bdec, 1, 0)))
-  states = jnp.moveaxis(states, 0, 2)                              # [B,H,N,Dk,Dv]
+  states, final = chunk_scan(u, chunk_lengths(t, c), log_decay, initial_state)  # [B,H,N,Dk,Dv]
   o = o + _ein("bhncd,bhndv->bhncv", qc * qdec[None, :, None, :, None], states)
   return from_chunks(o, t, _F32), final, (states if save_states else None)
 
@@ -49,20 +42,16 @@ def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size
   """Chunk-wise VJP. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
   t = q.shape[1]
   c = chunk_size
-  intra, qdec, kdec, bdec = decay_factors(log_decay, t, c)
+  intra, qdec, kdec = decay_factors(log_decay, t, c)
   qc, kc, vc, doc = (to_chunks(x, c) for x in (q, k, v, do))
   qc = qc * scale
   qd = qc * qdec[None, :, None, :, None]
   kd = kdec[None, :, :, :, None]
   w = _ein("bhncd,bhncv->bhndv", qd, doc)                          # dS contribution of O_inter
-
-  def step(g_after, xs):                                            # reverse over chunks
-    w_n, b_n = xs
-    return b_n[None, :, None, None] * g_after + w_n, g_after
-
-  d_init, d_after = lax.scan(step, d_final.astype(_F32),
-                             (jnp.moveaxis(w, 2, 0), jnp.moveaxis(bdec, 1, 0)), reverse=True)
-  d_after = jnp.moveaxis(d_after, 0, 2)                            # grad of state leaving chunk n
+  # Reverse recurrence dS_enter[n] = λ^{L_n}·dS_leave[n] + W_n, run as a forward scan on flipped
+  # chunks; its "entering" values are the gradients of the states leaving each chunk.
+  d_after, d_init = chunk_scan(jnp.flip(w, 2), chunk_lengths(t, c)[::-1], log_decay, d_final)
+  d_after = jnp.flip(d_after, 2)
   scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
   dscores = _ein("bhncv,bhnev->bhnce", doc, vc) * intra[None, :, None]
   dq = _ein("bhnce,bhned->bhncd", dscores, kc)
