@@ -51,3 +51,8 @@ def test_all_32_sala_heads(impl):
 def test_pallas_gpu_bf16_matches_reference(t):
   """Mosaic GPU kernels (interpret mode): bf16 WGMMA operands, 64-wide heads, C = 64."""
   _check("pallas_gpu", t, 64, jnp.bfloat16, 2e-2, b=1, h=4, dk=64, dv=64)
+
+
+def test_xla_many_chunk_groups():
+  """N = 38 chunks: several 16-chunk groups of the two-level state scan, partial last group."""
+  _check("xla", 600, 16, jnp.float32, 1e-5)
