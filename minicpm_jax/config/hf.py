@@ -21,9 +21,10 @@ SALA_ONLY_FIELDS = (
 _AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM",
                  "AutoModelForSequenceClassification")
 _REMOTE_CODE = {
-    # model_type: (architecture, module prefix, class prefix)
-    "minicpm": ("MiniCPMForCausalLM", "minicpm", "MiniCPM"),
-    "minicpm_sala": ("MiniCPMSALAForCausalLM", "minicpm_sala", "MiniCPMSALA"),
+    # model_type: (Hub repo holding the official modeling code, architecture, module, class prefix).
+    # MiniCPM4-8B's modeling file serves every dense/sparse MiniCPM4 (0.5B's refuses sparse_config).
+    "minicpm": ("openbmb/MiniCPM4-8B", "MiniCPMForCausalLM", "minicpm", "MiniCPM"),
+    "minicpm_sala": ("openbmb/MiniCPM-SALA", "MiniCPMSALAForCausalLM", "minicpm_sala", "MiniCPMSALA"),
 }
 
 
@@ -40,13 +41,17 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
 
 
 def remote_code_fields(model_type: str) -> dict[str, Any]:
-    """``architectures`` and ``auto_map`` pointing at the official remote code."""
-    arch, module, cls = _REMOTE_CODE[model_type]
+    """``architectures`` and ``auto_map`` pointing at the official remote code on the Hub.
+
+    ``repo--module.Class`` references let ``from_pretrained(dir, trust_remote_code=True)`` fetch
+    the official modeling code for a local export (online); the directory holds no code.
+    """
+    repo, arch, module, cls = _REMOTE_CODE[model_type]
     auto = {name: f"modeling_{module}.{cls}{name.removeprefix('Auto').removeprefix('Model') or 'Model'}"
             for name in _AUTO_CLASSES}
     auto["AutoConfig"] = f"configuration_{module}.{cls}Config"
     auto["AutoModelForCausalLM"] = auto["AutoModelForSeq2SeqLM"] = f"modeling_{module}.{arch}"
-    return {"architectures": [arch], "auto_map": auto}
+    return {"architectures": [arch], "auto_map": {k: f"{repo}--{v}" for k, v in auto.items()}}
 
 
 def model_config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -58,4 +63,6 @@ def model_config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[
     for key in ("head_dim", "shift_labels"):
         if d.get(key, 0) is None:
             d.pop(key)
+    if d["rope_scaling"] and d["rope_scaling"]["factor"] is None:
+        del d["rope_scaling"]["factor"]
     return {**remote_code_fields(cfg.model_type), **d, "torch_dtype": torch_dtype}

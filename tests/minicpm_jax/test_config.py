@@ -91,3 +91,14 @@ def test_unknown_preset_and_bad_override():
 def test_unsupported_model_type():
     with pytest.raises(ConfigError, match=r"model_type: 'qwen2' is not supported"):
         model_config_from_hf({"model_type": "qwen2", "hidden_size": 64})
+
+
+@pytest.mark.parametrize("name,official", [("minicpm4-0.5b", "minicpm4-0.5b.config.json"),
+                                           ("minicpm-sala-9b", "minicpm-sala-9b.config.json")])
+def test_exported_config_json_has_official_fields(name, official):
+    ours = model_config_to_hf(load_config(name).model)
+    theirs = _official(official)
+    skip = {"_name_or_path", "transformers_version", "auto_map", "dtype", "torch_dtype"}
+    assert {k: v for k, v in theirs.items() if k not in skip} == {k: ours[k] for k in theirs if k not in skip}
+    assert ours["architectures"] == theirs["architectures"]
+    assert {k: v.split("--")[1] for k, v in ours["auto_map"].items()} == theirs["auto_map"]

@@ -69,7 +69,8 @@ def test_bf16_export_sharded_with_index_and_tokenizer(tmp_path):
     assert load_file(out / shards[0]).popitem()[1].dtype == "bfloat16"
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     hf_config = json.loads((out / "config.json").read_text())
-    assert hf_config["auto_map"]["AutoModelForCausalLM"] == "modeling_minicpm.MiniCPMForCausalLM"
+    assert hf_config["auto_map"]["AutoModelForCausalLM"] == "openbmb/MiniCPM4-8B--modeling_minicpm.MiniCPMForCausalLM"
+    assert hf_config["auto_map"]["AutoConfig"] == "openbmb/MiniCPM4-8B--configuration_minicpm.MiniCPMConfig"
     assert hf_config["torch_dtype"] == "bfloat16" and hf_config["tie_word_embeddings"] is False
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2] and gen["bos_token_id"] == 1
