@@ -164,11 +164,65 @@ class MeshConfig(_Strict):
     sequence: StrictInt = 1
 
 
+class DataConfig(_Strict):
+    """Training data: a source, a tokenizer, packing into ``seq_len`` rows (``minicpm_jax.data``)."""
+
+    source: Literal["synthetic", "jsonl", "parquet", "arrayrecord", "array"] = "synthetic"
+    paths: tuple[str, ...] = ()  # files or glob patterns (text sources: one document per record)
+    text_field: str = "text"  # JSONL / Parquet column holding the document text
+    tokenizer: str | None = None  # a Hugging Face tokenizer.json (file or directory); None = byte-level
+    synthetic_tasks: tuple[Literal["arithmetic", "kv_recall", "copy"], ...] = ("arithmetic", "kv_recall", "copy")
+    synthetic_documents: StrictInt = 20000
+    seq_len: StrictInt = 128
+    shuffle: StrictBool = True
+    seed: StrictInt = 0
+    eval_documents: StrictInt = 64  # held out (deterministically) for the evaluation loss
+
+
+class OptimizerConfig(_Strict):
+    """AdamW with MiniCPM's muP learning-rate rule, weight-decay mask, clipping and schedule."""
+
+    learning_rate: float = 1e-2  # base LR (muP: matrices get base / (hidden/dim_model_base))
+    schedule: Literal["wsd_exp", "wsd_linear", "cosine", "constant"] = "wsd_exp"
+    warmup_steps: StrictInt = 0
+    decay_steps: StrictInt = 0  # length of the decay phase at the end of training
+    min_lr_ratio: float = 0.05  # end-of-decay LR / base LR (exp: half-life = D ln2 / ln(1/ratio))
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: StrictBool = False
+    decay_norms: StrictBool = False
+    clip_norm: float | None = 1.0
+    mup: StrictBool = True  # scale matrix LRs by dim_model_base / hidden
+    mup_embeddings: StrictBool = False  # also scale the embedding / lm_head LR (an open assumption)
+
+
+class TrainConfig(_Strict):
+    """Steps, batch, accumulation, remat, checkpoints, logging and failure handling."""
+
+    steps: StrictInt = 100
+    global_batch_size: StrictInt = 8  # rows of seq_len tokens per optimizer step, all hosts
+    micro_batches: StrictInt = 1  # gradient accumulation: global batch split into this many scans
+    remat: Literal["none", "dots_saveable", "full"] = "none"
+    loss_chunk_size: StrictInt = 1024  # tokens per chunk of the cross-entropy (never all [B,T,V] at once)
+    output_dir: str = "runs/default"
+    checkpoint_every: StrictInt = 100
+    keep_checkpoints: StrictInt = 3
+    log_every: StrictInt = 10
+    eval_every: StrictInt = 0  # 0 = only at the end
+    max_consecutive_nonfinite: StrictInt = 5
+    init_from: str | None = None  # a checkpoint / HF dir / preset to start the weights from
+
+
 class Config(_Strict):
-    """Root config of a run: the model, the mesh and the numeric types."""
+    """Root config of a run: the model, the mesh, numeric types, and training sections."""
 
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
     dtype: Literal[DTYPES] = "bfloat16"  # compute dtype
     param_dtype: Literal[DTYPES] = "float32"  # master weights
     seed: StrictInt = 0
