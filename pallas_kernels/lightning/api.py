@@ -22,7 +22,7 @@ class _Config:
   implementation: str
   scale: float
   chunk_size: int
-  interpret: bool
+  interpret: object   # bool, or pltpu.InterpretParams for pallas_tpu
 
 
 def _module(cfg):
@@ -97,7 +97,9 @@ def lightning_attention(q, k, v, log_decay, *, scale=None, initial_state=None,
     o, final = recurrent.forward(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size)
   else:
     chunk = min(chunk_size, t) if impl == "xla" else chunk_size
-    cfg = _Config(impl, scale, int(chunk), bool(interpret))
+    interp = interpret if impl == "pallas_tpu" and not isinstance(interpret, (bool, type(None))) \
+        else bool(interpret)          # pltpu.InterpretParams passes through (TPU interpreter)
+    cfg = _Config(impl, scale, int(chunk), interp)
     o, final = _chunked(q, k, v, log_decay, state, cfg)
   o = o.astype(q.dtype)
   return (o, final) if return_final_state else o
