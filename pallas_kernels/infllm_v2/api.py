@@ -30,10 +30,11 @@ def resolve_implementation(implementation: str, segment_ids=None) -> str:
 
 
 def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None,
-                           implementation="auto", interpret=None):
+                           implementation="auto", interpret=None, shared=None):
   """Causal attention of each query over the tokens of its listed blocks; empty rows give 0.
 
   q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n], -1 = unused slot.
+  ``shared=(init, window)`` is a hint for the xla path (see ``xla.py``), ignored elsewhere.
   """
   impl = resolve_implementation(implementation, segment_ids)
   want = (q.shape[0], k.shape[2], q.shape[1])
@@ -47,7 +48,7 @@ def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None,
                                             segment_ids=segment_ids)
   if impl == "xla":
     return xla.block_sparse_attention(q, k, v, block_idx, block_size=block_size,
-                                      segment_ids=segment_ids)
+                                      segment_ids=segment_ids, shared=shared)
   if impl == "pallas_tpu":
     from . import pallas_tpu
     return pallas_tpu.block_sparse_attention(q, k, v, block_idx, block_size=block_size,
@@ -116,6 +117,9 @@ def infllm_v2_attention(q, k, v, *, config: InfLLMv2Config, q_select=None, k_sel
   else:
     sel = select_blocks(qs, ks, config, segment_ids=segment_ids)
   blocks = attention_blocks(sel, jnp.arange(t), config, config.num_blocks(t))
+  # Forced blocks (init + local window) are in every row: the xla path shares them per chunk.
+  window = config.local_blocks + (1 if config.generation == "B" else 0)
   out = block_sparse_attention(q, k, v, blocks, block_size=config.block_size,
-                               segment_ids=segment_ids, implementation=impl, interpret=interpret)
+                               segment_ids=segment_ids, implementation=impl, interpret=interpret,
+                               shared=(config.init_blocks, window))
   return (out, sel) if return_selection else out

@@ -37,18 +37,28 @@ def test_attention_fp32_fwd_and_grads(impl, gen):
     assert rel_err(a, b) <= 1e-5, name
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_end_to_end_matches_reference(impl):
-  """Whole pipeline (selection + attention) with selection keys, fp32."""
-  cfg = small_config()
-  q, k, v, qs = inputs(143, extra=1, seed=2)
+@pytest.mark.parametrize("impl,gen", [("xla", "B"), ("xla", "A"), ("pallas_tpu", "B")])
+def test_end_to_end_matches_reference(impl, gen):
+  """Whole pipeline (selection + attention) with selection keys, fp32, forward and gradients.
+
+  Through the api the xla path shares the forced blocks per chunk (``shared``)."""
+  cfg = small_config(generation=gen)
+  q, k, v, qs, do = inputs(143, extra=2, seed=2)
   ks = k * 0.5 + 0.1
-  run = lambda i: jitted(infllm_v2_attention, config=cfg, implementation=i, interpret=True,
-                         return_selection=True)(q, k, v, q_select=qs, k_select=ks)
-  o_r, sel_r = run("reference")
-  o, sel = run(impl)
+
+  def run(i):
+    def loss(q, k, v):
+      o, sel = infllm_v2_attention(q, k, v, config=cfg, implementation=i, interpret=True,
+                                   return_selection=True, q_select=qs, k_select=ks)
+      return jnp.sum(o * do), (o, sel)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+
+  (_, (o_r, sel_r)), g_r = run("reference")
+  (_, (o, sel)), g = run(impl)
   np.testing.assert_array_equal(sel, sel_r)
   assert rel_err(o, o_r) <= 1e-5
+  for a, b in zip(g, g_r):
+    assert rel_err(a, b) <= 1e-5
 
 
 @pytest.mark.parametrize("impl", IMPLS)
