@@ -13,7 +13,8 @@ cotangent enter through cheap fp32 XLA terms (``λ^{t+1} q_t S₀``, ``λ^T S₀
 (``q·λ^{i+1}``, ``k·λ^{C−1−j}``, ...), all as ``exp(g·Δ)`` with Δ ≥ 0.
 
 Four kernels: forward (o, final state), and a backward split in three so each fits the 227 KiB
-of SMEM at D = 128 — dq (forward order, recomputes S), dk and dv (reverse order, accumulate dS).
+of SMEM at D = 128 (each uses 209 KiB, single-buffered) — dq (forward order, recomputes S), dk
+and dv (reverse order, accumulate dS).
 
 Limits (checked with clear errors): inputs bf16/fp16 only (WGMMA operands; fp32 inputs would
 run as TF32 and miss fp32 parity — use ``xla``), ``chunk_size == 64`` (one warpgroup's M), head
@@ -22,6 +23,7 @@ dims multiples of 64 up to 128. **Verification status:** the Mosaic GPU path is 
 interpret mode, where WGMMA, layout casts and SMEM swizzles (which have no interpreter rules in
 JAX 0.10) are replaced by ``lax.dot_general`` on the same tiles with the same bf16 operand
 rounding. The kernels have not yet been run on a GPU; ``auto`` therefore picks ``xla`` on GPU.
+``pl.pallas_call`` for Mosaic GPU is deprecated in JAX 0.10 in favour of ``plgpu.kernel``.
 """
 import functools
 
