@@ -64,6 +64,12 @@ class _MultiFile:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def check_first_records(self) -> None:
+        """Read each file's first document now, so a wrong ``text_field`` fails at start."""
+        for start, end in zip(self._starts[:-1], self._starts[1:]):
+            if end > start:
+                self[int(start)]
+
     def locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"document {index} out of range [0, {len(self)})")
@@ -86,6 +92,7 @@ class JsonlSource(_MultiFile):
                     pos += len(line)
             self._offsets.append(np.asarray(offsets, dtype=np.int64))
         super().__init__(files, [len(o) for o in self._offsets])
+        self.check_first_records()
 
     def __getitem__(self, index: int) -> str:
         f, i = self.locate(index)
@@ -111,6 +118,7 @@ class ParquetSource(_MultiFile):
                 raise ValueError(f"data.text_field: column {text_field!r} not in {path}; columns: {names}")
             self._columns.append(pq.read_table(path, columns=[text_field], memory_map=True)[text_field])
         super().__init__(files, [len(c) for c in self._columns])
+        self.check_first_records()
 
     def __getitem__(self, index: int) -> str:
         f, i = self.locate(index)
@@ -131,6 +139,8 @@ class ArrayRecordSource:
             self._source = ArrayRecordDataSource([str(p) for p in files])
         except Exception as e:  # array_record raises RuntimeError / ValueError on bad files
             raise ValueError(f"data.paths: cannot open ArrayRecord files {[str(p) for p in files]}: {e}") from e
+        if len(self._source):
+            self[0]  # fail at start on a wrong text_field or a non-UTF-8 record
 
     def __len__(self) -> int:
         return len(self._source)
