@@ -24,16 +24,28 @@ _SPLIT_SALT = 0x5EED  # the held-out draw uses a different permutation than the 
 
 
 class _Subset:
-    """Documents of ``source`` at ``index_fn(0..n-1)`` (a grain random-access source)."""
+    """The held-out documents of ``source`` (``keep=False``) or all the others (``keep=True``),
+    in source order; a picklable grain random-access source."""
 
-    def __init__(self, source, n: int, index_fn):
-        self._source, self._n, self._index_fn = source, n, index_fn
+    def __init__(self, source, held: np.ndarray, keep: bool):
+        self._source, self._held, self._keep = source, held, keep
+        # the j-th kept index is j + #{held h : h - rank(h) <= j}
+        self._gaps = held - np.arange(len(held))
+        self._n = len(source) - len(held) if keep else len(held)
 
     def __len__(self) -> int:
         return self._n
 
+    def index(self, i: int) -> int:
+        """Index in ``source`` of this subset's ``i``-th document."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"document {i} out of range [0, {self._n})")
+        if self._keep:
+            return i + int(np.searchsorted(self._gaps, i, side="right"))
+        return int(self._held[i])
+
     def __getitem__(self, i: int):
-        return self._source[self._index_fn(i)]
+        return self._source[self.index(i)]
 
 
 def heldout_indices(num_documents: int, eval_documents: int, seed: int) -> np.ndarray:
@@ -52,11 +64,7 @@ def heldout_indices(num_documents: int, eval_documents: int, seed: int) -> np.nd
 def split(source, eval_documents: int, seed: int) -> tuple[_Subset, _Subset]:
     """(training, held-out) views of ``source``; the held-out documents never appear in training."""
     held = heldout_indices(len(source), eval_documents, seed)
-    # the j-th kept index is j + (number of held-out indices h with h - rank(h) <= j)
-    gaps = held - np.arange(len(held))
-    train = _Subset(source, len(source) - len(held),
-                    lambda j: j + int(np.searchsorted(gaps, j, side="right")))
-    return train, _Subset(source, len(held), lambda i: int(held[i]))
+    return _Subset(source, held, keep=True), _Subset(source, held, keep=False)
 
 
 def _tokenize(doc, tokenizer: Tokenizer) -> dict:

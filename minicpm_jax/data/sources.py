@@ -124,7 +124,8 @@ class ParquetSource(_MultiFile):
         f, i = self.locate(index)
         text = self._columns[f][i].as_py()
         if not isinstance(text, str):
-            raise ValueError(f"{self.files[f]} row {i}: data.text_field {self._field!r} is not a string: {text!r}")
+            raise ValueError(f"{self.files[f]} row {i}: data.text_field {self._field!r} is not a "
+                             f"string: {text!r}")
         return text
 
 
@@ -138,7 +139,8 @@ class ArrayRecordSource:
         try:
             self._source = ArrayRecordDataSource([str(p) for p in files])
         except Exception as e:  # array_record raises RuntimeError / ValueError on bad files
-            raise ValueError(f"data.paths: cannot open ArrayRecord files {[str(p) for p in files]}: {e}") from e
+            names = [str(p) for p in files]
+            raise ValueError(f"data.paths: cannot open ArrayRecord files {names}: {e}") from e
         if len(self._source):
             self[0]  # fail at start on a wrong text_field or a non-UTF-8 record
 

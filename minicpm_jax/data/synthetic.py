@@ -25,8 +25,8 @@ def _arithmetic(rng: np.random.Generator) -> str:
     op = rng.integers(3)
     if op == 0:
         a, b = rng.integers(10, 100, size=2)
-        tens, units = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
-        return f"{a}+{b}: {a // 10 * 10}+{b // 10 * 10}={tens}, {a % 10}+{b % 10}={units}, {tens}+{units}={a + b}"
+        (ta, ua), (tb, ub) = divmod(a, 10), divmod(b, 10)
+        return f"{a}+{b}: {ta}0+{tb}0={10 * (ta + tb)}, {ua}+{ub}={ua + ub}, {10 * (ta + tb)}+{ua + ub}={a + b}"
     if op == 1:
         a, b = sorted(rng.integers(10, 100, size=2), reverse=True)
         step = a - b // 10 * 10
@@ -67,7 +67,8 @@ class SyntheticSource:
     def __init__(self, tasks: tuple[str, ...], num_documents: int, seed: int):
         unknown = sorted(set(tasks) - set(TASKS))
         if unknown or not tasks:
-            raise ValueError(f"data.synthetic_tasks: {list(tasks)} must be a non-empty subset of {list(TASKS)}")
+            raise ValueError(f"data.synthetic_tasks: {list(tasks)} must be a non-empty subset of "
+                             f"{list(TASKS)}")
         if num_documents <= 0:
             raise ValueError(f"data.synthetic_documents: {num_documents} documents; need at least 1")
         self._tasks, self._n, self._seed = tuple(tasks), num_documents, seed

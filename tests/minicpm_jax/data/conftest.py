@@ -38,7 +38,8 @@ def segments(batches) -> list[tuple[int, ...]]:
 
 def check_packing(b) -> None:
     """Row invariants: segment ids 1..k then padding, positions restart, mask/targets consistent."""
-    ids, seg, pos, mask, tgt = (b[k] for k in ("input_ids", "segment_ids", "positions", "loss_mask", "targets"))
+    keys = ("input_ids", "segment_ids", "positions", "loss_mask", "targets")
+    ids, seg, pos, mask, tgt = (b[k] for k in keys)
     assert ids.dtype == tgt.dtype == seg.dtype == pos.dtype == np.int32 and mask.dtype == np.float32
     for r in range(ids.shape[0]):
         used = int((seg[r] > 0).sum())

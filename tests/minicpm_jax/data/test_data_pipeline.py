@@ -42,7 +42,7 @@ def _expected_chunks(cfg, indices, seq_len):
 def _train_indices(cfg):
     src = SyntheticSource(cfg.synthetic_tasks, cfg.synthetic_documents, cfg.seed)
     train, held = split(src, cfg.eval_documents, cfg.seed)
-    return [train._index_fn(j) for j in range(len(train))], [held._index_fn(i) for i in range(len(held))]
+    return [train.index(j) for j in range(len(train))], [held.index(i) for i in range(len(held))]
 
 
 def test_batch_fields_and_packing_invariants(h):

@@ -93,4 +93,21 @@ def test_training_batches_through_hf_tokenizer(h, tmp_path):
     texts = Counter(tok.decode(seg) for seg in h.segments(h.one_pass(cfg, tok=tok)))
     assert len(texts) == 3 and set(texts) < set(CORPUS)
     with pytest.raises(ValueError, match="vocabulary of 300 tokens"):
-        make_train_iterator(cfg, tokenizer=tok, global_batch_size=4, vocab_size=256, max_position_embeddings=64)
+        make_train_iterator(cfg, tokenizer=tok, global_batch_size=4, vocab_size=256,
+                            max_position_embeddings=64)
+
+
+@pytest.mark.slow
+def test_real_minicpm_tokenizer_converted_to_tokenizer_json(tmp_path):
+    """The documented conversion (transformers, ~15 s) gives a tokenizer.json we load exactly."""
+    if not (MINICPM_TOKENIZER / "tokenizer.model").is_file():
+        pytest.skip(f"the MiniCPM4 tokenizer is not at {MINICPM_TOKENIZER}")
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(str(MINICPM_TOKENIZER))
+    reference.save_pretrained(str(tmp_path))
+    tok = build_tokenizer(str(tmp_path))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (73448, 1, 73440)
+    for text in ("Hello 世界, 12+3=15", "  leading spaces\nnew line", "<|im_start|>user"):
+        ids = tok.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
