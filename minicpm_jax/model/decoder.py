@@ -19,6 +19,8 @@ from minicpm_jax.sharding import constrain
 
 
 MIXERS = {"minicpm4": Attention, "lightning-attn": LightningAttention}
+# Activation rematerialisation per decoder layer ("full" saves only each layer's input).
+REMAT_POLICIES = {"dots_saveable": jax.checkpoint_policies.dots_saveable, "full": None}
 
 
 class DecoderLayer(nnx.Module):
@@ -64,8 +66,11 @@ class MiniCPMForCausalLM(nnx.Module):
             (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states ``[B, T, H]`` (before the logit scaling)."""
+                      segment_ids: jax.Array | None = None, *, remat: str = "none") -> jax.Array:
+        """Final-norm hidden states ``[B, T, H]`` (before the logit scaling).
+
+        ``remat``: ``"none"``, ``"dots_saveable"`` or ``"full"`` rematerialisation of each layer.
+        """
         cfg = self.config
         b, t = input_ids.shape
         sparse = cfg.sparse_config
@@ -76,8 +81,13 @@ class MiniCPMForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.model.embed_tokens(input_ids) * jnp.asarray(cfg.scale_emb, self.dtype)
         x = constrain(x, ("batch", "act_seq", "act_embed"))
+        def run(layer, x):
+            return layer(x, positions, segment_ids)
+
+        if remat != "none":
+            run = nnx.remat(run, policy=REMAT_POLICIES[remat])
         for layer in self.model.layers:
-            x = layer(x, positions, segment_ids)
+            x = run(layer, x)
         return self.model.norm(x)
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Training: optimizer (AdamW + muP + WSD), chunked loss, the shared step engine, checkpoints, the loop."""
