@@ -9,9 +9,9 @@ B, T, H, D = 1, 4096, 32, 128
 TARGETS = {"pallas_tpu": ("tpu", "tpu_custom_call"), "pallas_gpu": ("cuda", "mosaic_gpu_v2")}
 
 
-def _export(impl, dtype, backward):
+def _export(impl, dtype, backward, b=B, t=T, h=H, d=D):
   platform, marker = TARGETS[impl]
-  log_decay = -jnp.asarray(alibi_slopes(H))
+  log_decay = -jnp.asarray(alibi_slopes(h))
 
   def fwd(q, k, v, s0):
     return lightning_attention(q, k, v, log_decay, initial_state=s0, return_final_state=True,
@@ -21,8 +21,8 @@ def _export(impl, dtype, backward):
     out, vjp = jax.vjp(fwd, q, k, v, s0)
     return vjp(out)
 
-  x = jax.ShapeDtypeStruct((B, T, H, D), dtype)
-  s = jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)
+  x = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+  s = jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)
   exported = jax.export.export(jax.jit(fwd_bwd if backward else fwd), platforms=[platform])(
       x, x, x, s)
   return exported, marker
@@ -41,3 +41,12 @@ def test_export_lowers(impl, dtype, backward):
   assert text.count(f"stablehlo.custom_call @{marker}(") == n_kernels   # fwd (+ bwd) kernels
   assert len(exported.serialize()) > 0
   assert exported.out_avals[0].shape == (B, T, H, D)   # o, or dq for the backward
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_export_lowers_partial_chunk_and_batch(impl):
+  """T not a multiple of the chunk, B > 1, 64-wide heads: forward and backward still lower."""
+  exported, marker = _export(impl, jnp.bfloat16, True, b=2, t=1000, h=4, d=64)
+  assert exported.mlir_module().count(f"stablehlo.custom_call @{marker}(") >= 2
+  assert exported.out_avals[0].shape == (2, 1000, 4, 64)
