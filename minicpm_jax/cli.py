@@ -1,4 +1,4 @@
-"""The ``minicpm-jax`` command line: demo, info, import-hf, export-hf.
+"""The ``minicpm-jax`` command line: demo, train, info, import-hf, export-hf.
 
 Every command takes ``section.key=value`` overrides of the run config (``mesh.fsdp=4``,
 ``dtype=float32``, and for ``info`` also ``model.num_hidden_layers=4``).
@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import jax
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from minicpm_jax.config import ConfigError, build_config, load_config
 from minicpm_jax.config.loading import apply_overrides
+from minicpm_jax.sharding import mesh_shape
 
 console = Console(soft_wrap=True)
 
@@ -81,6 +83,23 @@ def cmd_export_hf(args) -> None:
                   f"in {time.perf_counter() - start:.1f}s: {', '.join(files)}")
 
 
+def cmd_train(args) -> None:
+    from minicpm_jax.config import load_recipe
+    from minicpm_jax.info import human_count
+    from minicpm_jax.model import param_count
+    from minicpm_jax.train.loop import run_training
+
+    cfg = load_recipe(args.config, args.overrides)
+    console.rule("resolved config")
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
+    mesh = mesh_shape(cfg.mesh, jax.device_count())
+    console.print(f"mesh {mesh} over {jax.device_count()} {jax.devices()[0].platform} device(s); model "
+                  f"{human_count(param_count(cfg.model))} parameters; {cfg.train.steps} steps of "
+                  f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens")
+    summary = run_training(cfg, console=console)
+    console.print(f"done: {summary}")
+
+
 def cmd_demo(args) -> None:
     from minicpm_jax.demo import run_demo
 
@@ -94,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny MiniCPM4: build, run, export to Hugging Face, reload in PyTorch")
     p.add_argument("--output", default="outputs/demo", help="where the exported checkpoints go")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="pretrain from a recipe (configs/recipes/*.yaml), resuming if possible")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
     p.add_argument("model", help="preset name (see configs/models) or a YAML file")

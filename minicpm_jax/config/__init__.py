@@ -7,6 +7,7 @@ from minicpm_jax.config.loading import (
     build_config,
     build_model_config,
     load_config,
+    load_recipe,
     preset_names,
     read_model_preset,
 )
@@ -15,6 +16,6 @@ from minicpm_jax.config.schema import (MIXER_TYPES, Config, DataConfig, MeshConf
 
 __all__ = [
     "MIXER_TYPES", "Config", "ConfigError", "DataConfig", "MeshConfig", "OptimizerConfig", "TrainConfig", "ModelConfig", "RopeScaling", "SparseConfig",
-    "apply_overrides", "build_config", "build_model_config", "load_config", "model_config_from_hf",
+    "apply_overrides", "build_config", "build_model_config", "load_config", "load_recipe", "model_config_from_hf",
     "model_config_to_hf", "preset_names", "read_model_preset",
 ]

@@ -62,6 +62,22 @@ def load_config(model: str | Path | Mapping[str, Any], overrides: Sequence[str] 
     return build_config(apply_overrides({"model": model_raw}, overrides))
 
 
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Root config from a recipe YAML (``configs/recipes``) plus dotted overrides.
+
+    ``model`` is a preset name, or a mapping with ``preset`` plus fields that override the preset's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"recipe: no file {str(path)!r}"])
+    raw = yaml.safe_load(path.read_text()) or {}
+    model = raw.get("model", {})
+    model = {"preset": model} if isinstance(model, str) else dict(model)
+    if "preset" in model:
+        model = {**read_model_preset(model.pop("preset")), **model}
+    return build_config(apply_overrides({**raw, "model": model}, overrides))
+
+
 def build_config(raw: Mapping[str, Any]) -> Config:
     """Validate a root-config dict, reporting every problem at once."""
     errors = []
