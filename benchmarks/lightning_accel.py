@@ -4,7 +4,7 @@ causal softmax attention, forward and forward+backward, at the CPU table's shape
     python benchmarks/lightning_accel.py [--dtype bfloat16] [--lengths 1024 4096 16384 65536]
 
 On TPU the kernel is ``pallas_tpu``, on GPU ``pallas_gpu`` (Mosaic GPU; bf16/fp16 only).
-``--interpret`` runs the same code path in Pallas interpret mode on CPU (a smoke test of the
+It first checks the kernel's forward/backward against ``xla`` on the device. ``--interpret`` runs the same code path in Pallas interpret mode on CPU (a smoke test of the
 script, not a measurement). Writes benchmarks/results/lightning_<backend>.json.
 """
 import argparse
@@ -18,7 +18,30 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lightning import make_fns, measure  # noqa: E402
 
-from pallas_kernels.lightning import alibi_slopes  # noqa: E402
+from pallas_kernels.lightning import alibi_slopes, lightning_attention  # noqa: E402
+
+
+def check_kernel(kernel, dtype, interpret, t=1000, d=128):
+  """On-device parity of the kernel (fwd, final state, VJP) vs ``xla`` in fp32 on the same inputs."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  q, k, v = (jax.random.normal(kk, (2, t, 4, d), jnp.float32).astype(dtype) for kk in keys[:3])
+  s0 = jax.random.normal(keys[3], (2, 4, d, d), jnp.float32)
+  ld = -jnp.asarray(alibi_slopes(32)[::8])
+
+  def run(impl, *xs):
+    f = lambda *a: lightning_attention(*a[:3], ld, initial_state=a[3], return_final_state=True,
+                                       implementation=impl,
+                                       interpret=interpret if impl == kernel else None)
+    out, vjp = jax.vjp(f, *xs)
+    return out, vjp((jnp.ones_like(out[0]), jnp.ones_like(out[1])))
+  got = jax.jit(lambda *a: run(kernel, *a))(q, k, v, s0)
+  want = jax.jit(lambda *a: run("xla", *a))(*(x.astype(jnp.float32) for x in (q, k, v)), s0)
+  errs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+  names = ["o", "state", "dq", "dk", "dv", "ds0"]
+  print(f"parity {kernel} vs xla(fp32), {jnp.dtype(dtype).name}: " +
+        ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs)), flush=True)
+  return dict(zip(names, errs))
 
 
 def main():
@@ -37,6 +60,8 @@ def main():
              "(or pass --interpret for a smoke test)")
   kernel = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
   dtype = jnp.dtype(args.dtype)
+  parity = check_kernel(kernel, dtype, args.interpret or None, t=200 if args.interpret else 1000,
+                        d=64 if args.interpret else 128)
   rows = []
   for shape in args.shapes:
     b, h, d = (int(x) for x in shape.split("x"))
@@ -62,7 +87,7 @@ def main():
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump({"backend": backend, "devices": [str(x) for x in jax.devices()],
-               "dtype": args.dtype, "kernel": kernel, "rows": rows}, f, indent=1)
+               "dtype": args.dtype, "kernel": kernel, "parity_vs_xla": parity, "rows": rows}, f, indent=1)
   print(f"wrote {out}")
 
 
