@@ -60,8 +60,12 @@ def main():
              "(or pass --interpret for a smoke test)")
   kernel = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
   dtype = jnp.dtype(args.dtype)
-  parity = check_kernel(kernel, dtype, args.interpret or None, t=200 if args.interpret else 1000,
-                        d=64 if args.interpret else 128)
+  try:
+    parity = check_kernel(kernel, dtype, args.interpret or None,
+                          t=200 if args.interpret else 1000, d=64 if args.interpret else 128)
+  except ValueError as e:  # pallas_gpu rejects float32
+    parity = {"error": str(e)}
+    print(f"parity check skipped: {e}")
   rows = []
   for shape in args.shapes:
     b, h, d = (int(x) for x in shape.split("x"))
