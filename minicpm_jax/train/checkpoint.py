@@ -8,6 +8,7 @@ An unreadable newest checkpoint is skipped with a warning and the previous good 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,12 @@ class TrainCheckpointer:
                     config=ocp.args.JsonRestore()))
                 _check_shapes(restored["state"], abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
-                log.warning("skipping checkpoint step %d in %s: unreadable (%s: %s); trying an older one",
-                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
+                (self.directory / str(step)).rename(aside)
+                self.manager.reload()
+                log.warning("skipping checkpoint step %d in %s: unreadable (%s: %s); moved it to %s and "
+                            "trying an older one", step, self.directory, type(e).__name__,
+                            str(e).splitlines()[0][:200], aside.name)
                 continue
             return step, restored["state"], restored["data"], restored["config"]
         return None
