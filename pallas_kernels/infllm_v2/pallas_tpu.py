@@ -29,19 +29,24 @@ def _dot(a, b, ta=False, tb=False):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
-def _mask(sel, blk, tile, groups, block_size):
-  """[G * Bk, Bk] mask: row's token selected blk, and causal within the tile's own block."""
+def _mask(sel, blk, tile, block_size):
+  """[Bk, Bk] mask (token, key): the token selected blk, causal within the tile's own block."""
   hit = jnp.max(jnp.where(sel == blk, 1, 0), axis=1, keepdims=True) > 0         # [Bk, 1]
   t_pos = jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 0)
   k_pos = jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 1)
-  m = hit & ((k_pos <= t_pos) | (blk != tile))
-  return jnp.concatenate([m] * groups, axis=0) if groups > 1 else m
+  return hit & ((k_pos <= t_pos) | (blk != tile))
+
+
+def _where_rows(mask, s, other, groups):
+  """Applies a per-token [Bk, Bk] mask to head-major rows s [G * Bk, Bk]."""
+  rows, cols = s.shape
+  s3 = s.reshape(groups, rows // groups, cols)
+  return jnp.where(mask[None], s3, other).reshape(rows, cols)
 
 
 def _probs(q, k, sel, blk, tile, lse, groups, block_size, scale):
   s = _dot(q, k, tb=True) * scale
-  mask = _mask(sel, blk, tile, groups, block_size)
-  return jnp.where(mask, jnp.exp(s - lse), 0.0)
+  return _where_rows(_mask(sel, blk, tile, block_size), jnp.exp(s - lse), 0.0, groups)
 
 
 def _fwd_kernel(ids, cnt, off, q_ref, k_ref, v_ref, sel_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
@@ -58,7 +63,7 @@ def _fwd_kernel(ids, cnt, off, q_ref, k_ref, v_ref, sel_ref, o_ref, lse_ref, m_s
   def _():
     blk = ids[b, g, i, w]
     s = _dot(q_ref[...], k_ref[...], tb=True) * scale
-    s = jnp.where(_mask(sel_ref[...], blk, off[0] + i, groups, block_size), s, -jnp.inf)
+    s = _where_rows(_mask(sel_ref[...], blk, off[0] + i, block_size), s, -jnp.inf, groups)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
