@@ -2,6 +2,7 @@
 
 from minicpm_jax.config.hf import model_config_from_hf, model_config_to_hf
 from minicpm_jax.config.loading import (
+    CONFIG_DIR,
     ConfigError,
     apply_overrides,
     build_config,
@@ -15,7 +16,7 @@ from minicpm_jax.config.schema import (MIXER_TYPES, Config, DataConfig, MeshConf
                                        RopeScaling, SparseConfig, TrainConfig)
 
 __all__ = [
-    "MIXER_TYPES", "Config", "ConfigError", "DataConfig", "MeshConfig", "OptimizerConfig", "TrainConfig", "ModelConfig", "RopeScaling", "SparseConfig",
+    "CONFIG_DIR", "MIXER_TYPES", "Config", "ConfigError", "DataConfig", "MeshConfig", "OptimizerConfig", "TrainConfig", "ModelConfig", "RopeScaling", "SparseConfig",
     "apply_overrides", "build_config", "build_model_config", "load_config", "load_recipe", "model_config_from_hf",
     "model_config_to_hf", "preset_names", "read_model_preset",
 ]

@@ -1,0 +1,63 @@
+"""Memory plan on paper: lower and compile the real train step from abstract shapes (nothing is
+allocated) and read XLA's per-device memory analysis, for several meshes and batch sizes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minicpm_jax.config.schema import Config, MeshConfig
+from minicpm_jax.model.factory import abstract_model
+from minicpm_jax.sharding import make_mesh
+from minicpm_jax.train.loop import pretrain_loss
+from minicpm_jax.train.state import build_train_step
+from minicpm_jax.train.step import batch_sharding, check_batch
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    mesh: dict[str, int]
+    batch_size: int
+    seq_len: int
+    argument_bytes: int  # parameters, optimizer state, batch resident on each device
+    temp_bytes: int  # activations and scratch at the peak of the step
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.temp_bytes
+
+
+def plan_train_memory(cfg: Config, meshes: Sequence[MeshConfig], batch_sizes: Sequence[int],
+                      seq_len: int) -> list[PlanRow]:
+    """One row per (mesh, global batch size): XLA's per-device memory of the compiled train step."""
+    rows = []
+    model = abstract_model(cfg.model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    graphdef, params_state = nnx.split(model, nnx.Param)
+    for mesh_cfg in meshes:
+        mesh = make_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])
+        optimizer, _, sharding, step = build_train_step(cfg, mesh, pretrain_loss(cfg), graphdef, params_state)
+        params = jax.eval_shape(lambda: nnx.to_pure_dict(params_state))
+        state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
+                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sharding)
+        for batch_size in batch_sizes:
+            check_batch(mesh, batch_size, cfg.train.micro_batches, seq_len)
+            tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding(mesh))
+            batch = {"input_ids": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
+                     "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32,
+                                                       sharding=batch_sharding(mesh))}
+            start = time.perf_counter()
+            memory = step.lower(state, batch).compile().memory_analysis()
+            rows.append(PlanRow(dict(mesh.shape), batch_size, seq_len, memory.argument_size_in_bytes,
+                                memory.temp_size_in_bytes, time.perf_counter() - start))
+    return rows
+
+
+def _size(mesh_cfg: MeshConfig) -> int:
+    return mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor * mesh_cfg.sequence
