@@ -53,6 +53,28 @@ def cmd_info(args) -> None:
     table.add_row(human_count(info.params_per_device), human_bytes(info.param_bytes),
                   human_bytes(info.grad_bytes), human_bytes(info.optimizer_bytes), human_bytes(total))
     console.print(table)
+    if args.train_plan:
+        _print_train_plan(cfg, args)
+
+
+def _print_train_plan(cfg, args) -> None:
+    from minicpm_jax.config import MeshConfig
+    from minicpm_jax.info import human_bytes
+    from minicpm_jax.train.plan import plan_train_memory
+
+    meshes = [MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+              for spec in args.plan_meshes.split(";")]
+    table = Table(title=f"train step memory per device (XLA memory_analysis; resident = params + optimizer + "
+                        f"batch, temp = activations + scratch; remat={cfg.train.remat}, micro_batches="
+                        f"{cfg.train.micro_batches}, compute {cfg.dtype})")
+    for col in ("mesh", "batch x seq", "resident", "temp", "total", "compile s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    batch_sizes = [int(b) for b in args.plan_batch_sizes.split(",")]
+    for row in plan_train_memory(cfg, meshes, batch_sizes, args.plan_seq_len):
+        mesh = ",".join(f"{k}={v}" for k, v in row.mesh.items() if v > 1) or "1 device"
+        table.add_row(mesh, f"{row.batch_size} x {row.seq_len}", human_bytes(row.argument_bytes),
+                      human_bytes(row.temp_bytes), human_bytes(row.total_bytes), f"{row.compile_seconds:.0f}")
+    console.print(table)
 
 
 def cmd_import_hf(args) -> None:
@@ -121,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
     p.add_argument("model", help="preset name (see configs/models) or a YAML file")
     p.add_argument("--devices", type=int, default=None, help="device count for the mesh (default: this host's)")
+    p.add_argument("--train-plan", action="store_true",
+                   help="compile the train step from abstract shapes and print per-device memory (needs the "
+                        "devices: on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    p.add_argument("--plan-meshes", default="fsdp=8;fsdp=4,tensor=2;data=2,fsdp=4",
+                   help="meshes for --train-plan, ';'-separated")
+    p.add_argument("--plan-batch-sizes", default="8,16", help="global batch sizes for --train-plan")
+    p.add_argument("--plan-seq-len", type=int, default=4096)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("import-hf", help="Hugging Face checkpoint directory -> minicpm_jax checkpoint")
