@@ -35,6 +35,7 @@ def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None,
 
   q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n], -1 = unused slot.
   ``shared=(init, window)`` is a hint for the xla path (see ``xla.py``), ignored elsewhere.
+  ``interpret=None`` interprets the Pallas kernels on CPU and compiles them elsewhere.
   """
   impl = resolve_implementation(implementation, segment_ids)
   want = (q.shape[0], k.shape[2], q.shape[1])
@@ -49,6 +50,8 @@ def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None,
   if impl == "xla":
     return xla.block_sparse_attention(q, k, v, block_idx, block_size=block_size,
                                       segment_ids=segment_ids, shared=shared)
+  if interpret is None:                   # Pallas kernels can only be interpreted on CPU
+    interpret = jax.default_backend() == "cpu"
   if impl == "pallas_tpu":
     from . import pallas_tpu
     return pallas_tpu.block_sparse_attention(q, k, v, block_idx, block_size=block_size,

@@ -67,3 +67,11 @@ def test_bad_optional_inputs():
   with pytest.raises(NotImplementedError, match="Mosaic GPU"):
     block_sparse_attention(q, k, v, jnp.zeros((1, 2, 64, 1), jnp.int32), block_size=16,
                            implementation="pallas_gpu")
+
+
+def test_pallas_interprets_by_default_on_cpu():
+  """interpret=None runs the Pallas TPU kernel in interpret mode on CPU (no hardware error)."""
+  q, k, v = _qkv(t=32, d=8)
+  sel = jnp.zeros((1, 2, 32, 1), jnp.int32)
+  out = block_sparse_attention(q + 1.0, k, v + 2.0, sel, block_size=16, implementation="pallas_tpu")
+  assert jnp.allclose(out[:, :16], 2.0)       # values are all 2 in the only selected block
