@@ -40,13 +40,13 @@ def is_native_checkpoint(directory: str | Path) -> bool:
 
 
 def load_model(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32) -> tuple[ModelConfig, MiniCPMForCausalLM]:
-    """``(config, model)`` of a checkpoint written by ``save_model``."""
+               param_dtype=jnp.float32, **impls) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+    """``(config, model)`` of a checkpoint written by ``save_model`` (``impls``: attention_impl / lightning_impl)."""
     directory = Path(directory).resolve()
     if not is_native_checkpoint(directory):
         raise FileNotFoundError(f"{directory}: not a minicpm_jax checkpoint (needs {CONFIG_NAME} and params/)")
     cfg = build_model_config(yaml.safe_load((directory / CONFIG_NAME).read_text()), str(directory / CONFIG_NAME))
-    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **impls))
     if mesh is not None:
         shardings = nnx.to_pure_dict(state_shardings(state, mesh))
     else:
@@ -59,12 +59,12 @@ def load_model(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfl
 
 
 def load_any(source: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-             seed: int = 0) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+             seed: int = 0, **impls) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """A model from a native checkpoint, a Hugging Face directory, or a preset (fresh initialisation)."""
     path = Path(source)
     if is_native_checkpoint(path):
-        return load_model(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+        return load_model(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **impls)
     if (path / "config.json").is_file():
-        return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+        return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **impls)
     cfg = load_config(str(source)).model
-    return cfg, create_model(cfg, mesh=mesh, seed=seed, dtype=dtype, param_dtype=param_dtype)
+    return cfg, create_model(cfg, mesh=mesh, seed=seed, dtype=dtype, param_dtype=param_dtype, **impls)

@@ -35,13 +35,18 @@ class CheckpointError(ValueError):
 
 
 def load_hf_checkpoint(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16,
-                       param_dtype=jnp.float32) -> tuple[ModelConfig, MiniCPMForCausalLM]:
-    """``(config, model)`` from ``config.json`` + ``*.safetensors``; parameters land on ``mesh`` shardings."""
+                       param_dtype=jnp.float32, attention_impl: str = "auto",
+                       lightning_impl: str = "auto") -> tuple[ModelConfig, MiniCPMForCausalLM]:
+    """``(config, model)`` from ``config.json`` + ``*.safetensors``; parameters land on ``mesh`` shardings.
+
+    ``attention_impl`` / ``lightning_impl``: the model's kernel choice (runtime options).
+    """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json")
     cfg, _ = import_config(json.loads((directory / "config.json").read_text()))
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                        attention_impl=attention_impl, lightning_impl=lightning_impl))
     entries = layout(abstract_state)
     files = tensor_files(directory)
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh))) if mesh is not None else {}

@@ -1,7 +1,10 @@
-"""Softmax attention mixer (the ``"minicpm4"`` layer): GQA, optional RoPE (NoPE for SALA) and output gate.
+"""Softmax attention mixer (the ``"minicpm4"`` layer): GQA, optional RoPE (NoPE for SALA), output gate,
+and InfLLM v2 sparse attention at or above ``sparse_config.dense_len`` (spec/infllm_v2.md).
 
-Dense causal attention here; segment ids keep packed documents apart. InfLLM v2 sparse attention
-above ``dense_len`` plugs in through ``pallas_kernels.infllm_v2`` (no extra parameters).
+Below ``dense_len`` (or without ``sparse_config``) the layer is dense causal attention and segment
+ids keep packed documents apart. At or above it every query takes the InfLLM v2 path of
+``pallas_kernels.infllm_v2`` (no extra parameters); with ``use_nope`` the block selection sees the
+pre-RoPE q/k. With a decode cache (``minicpm_jax.model.cache``) the layer also appends its keys.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.model.cache import KVCache, check_prefill, init_kv_cache
 from minicpm_jax.model.layers import Linear
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
 from minicpm_jax.sharding import constrain
+from pallas_kernels.infllm_v2 import (DecodeCache, InfLLMv2Config, decode_step, infllm_v2_attention, init_cache,
+                                     prefill_cache)
 
 
 def causal_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -39,27 +45,97 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, d)
 
 
-class Attention(nnx.Module):
-    """``self_attn`` of a ``"minicpm4"`` layer: q/k/v/o projections (+ ``o_gate`` when configured)."""
+def kv_attend(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Appends k/v ``[B, T, Hkv, D]`` at ``cache.length`` and attends q ``[B, T, Hq, D]`` causally over the cache."""
+    b, t = q.shape[:2]
+    start = cache.length
+    upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start, axis=1)
+    cache = KVCache(start + t, upd(cache.k, k), upd(cache.v, v))
+    qpos = start + jnp.arange(t)
+    mask = jnp.broadcast_to(jnp.arange(cache.k.shape[1])[None, :] <= qpos[:, None], (b, t, cache.k.shape[1]))
+    return dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask), cache
 
-    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype):
+
+def infllm_config(cfg: ModelConfig) -> InfLLMv2Config | None:
+    """The kernel config of the model's ``sparse_config`` (generation B, LSE approximation), or None."""
+    sc = cfg.sparse_config
+    if sc is None:
+        return None
+    return InfLLMv2Config(kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride, block_size=sc.block_size,
+                          init_blocks=sc.init_blocks, window_size=sc.window_size, topk=sc.topk,
+                          dense_len=sc.dense_len)
+
+
+def separate_select_keys(cfg: ModelConfig) -> bool:
+    """True when block selection uses other q/k than the attention (``use_nope`` with RoPE on)."""
+    return cfg.sparse_config is not None and cfg.sparse_config.use_nope and cfg.attn_use_rope
+
+
+class Attention(nnx.Module):
+    """``self_attn`` of a ``"minicpm4"`` layer: q/k/v/o projections (+ ``o_gate`` when configured).
+
+    ``implementation`` picks the InfLLM v2 kernel (``"auto"``, ``"reference"``, ``"xla"``,
+    ``"pallas_tpu"``); it is a runtime option, not part of the config.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
+                 implementation: str = "auto"):
         h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.config = cfg
+        self.config, self.implementation = cfg, implementation
+        self.sparse = infllm_config(cfg)
         self.q_proj = Linear((h,), (nh, hd), ("embed", "heads", "head_dim"), **kw)
         self.k_proj = Linear((h,), (nkv, hd), ("embed", "kv_heads", "head_dim"), **kw)
         self.v_proj = Linear((h,), (nkv, hd), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Linear((nh, hd), (h,), ("heads", "head_dim", "embed"), **kw)
         self.o_gate = Linear((h,), (nh, hd), ("embed", "heads", "head_dim"), **kw) if cfg.attn_use_output_gate else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def init_cache(self, batch: int, capacity: int, dtype):
+        """An empty layer cache: InfLLM v2 ``DecodeCache`` with ``sparse_config``, else a ``KVCache``."""
+        cfg = self.config
+        if self.sparse is None:
+            return init_kv_cache(batch, capacity, cfg.num_key_value_heads, cfg.attn_head_dim, dtype)
+        return init_cache(batch, capacity, cfg.num_key_value_heads, cfg.attn_head_dim, dtype, self.sparse,
+                          separate_select_keys=separate_select_keys(cfg))
+
+    def _qkv(self, x: jax.Array, positions: jax.Array):
+        """``q, k, v`` (RoPE applied if configured) and the selection copies (None unless use_nope)."""
         cfg = self.config
         q = constrain(self.q_proj(x), ("batch", "act_seq", "act_heads", None))
         k, v = self.k_proj(x), self.v_proj(x)
+        q_sel = k_sel = None
         if cfg.attn_use_rope:
+            if separate_select_keys(cfg):
+                q_sel, k_sel = q, k
             cos, sin = rope_cos_sin(cfg, cfg.attn_head_dim, positions)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = dot_product_attention(q, k, v, causal_mask(segment_ids, *x.shape[:2]))
+        return q, k, v, q_sel, k_sel
+
+    def _attend(self, q, k, v, q_sel, k_sel, segment_ids) -> jax.Array:
+        """Prefill attention: dense below ``dense_len`` (or without sparse_config), InfLLM v2 above."""
+        b, t = q.shape[:2]
+        if self.sparse is None or self.sparse.is_dense(t):
+            return dot_product_attention(q, k, v, causal_mask(segment_ids, b, t))
+        return infllm_v2_attention(q, k, v, config=self.sparse, q_select=q_sel, k_select=k_sel,
+                                   segment_ids=segment_ids, implementation=self.implementation)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None):
+        """``(output, cache)``; ``cache`` is None (plain forward), a ``KVCache`` or an InfLLM v2 ``DecodeCache``.
+
+        With a ``DecodeCache`` a one-token input is a decode step and a longer one a prefill of an
+        empty cache; a ``KVCache`` appends any number of tokens.
+        """
+        q, k, v, q_sel, k_sel = self._qkv(x, positions)
+        if cache is None:
+            o = self._attend(q, k, v, q_sel, k_sel, segment_ids)
+        elif isinstance(cache, KVCache):
+            o, cache = kv_attend(cache, q, k, v)
+        elif isinstance(cache, DecodeCache) and x.shape[1] == 1:
+            o, cache = decode_step(cache, q, k, v, config=self.sparse, q_select=q_sel, k_select=k_sel)
+        else:
+            check_prefill(cache.length)
+            o = self._attend(q, k, v, q_sel, k_sel, None)
+            cache = prefill_cache(cache, k, v, config=self.sparse, k_select=k_sel)
         if self.o_gate is not None:
             o = o * jax.nn.sigmoid(self.o_gate(x))
-        return self.o_proj(o)
+        return self.o_proj(o), cache

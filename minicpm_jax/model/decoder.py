@@ -13,6 +13,7 @@ from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.attention import Attention
+from minicpm_jax.model.cache import ModelCache, check_room
 from minicpm_jax.model.lightning import LightningAttention
 from minicpm_jax.model.layers import MLP, Embed, Linear, RMSNorm, mup_init_std
 from minicpm_jax.sharding import constrain
@@ -26,27 +27,33 @@ REMAT_POLICIES = {"dots_saveable": jax.checkpoint_policies.dots_saveable, "full"
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``x += mixer(norm(x)) * r``; ``x += mlp(norm(x)) * r`` with ``r = scale_depth/sqrt(L)``."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, kind: str, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
+                 implementation: str = "auto"):
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.residual_scale = cfg.residual_scale
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = MIXERS[kind](cfg, **kw)
+        self.self_attn = MIXERS[kind](cfg, implementation=implementation, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-    def __call__(self, x, positions, segment_ids):
-        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids) * self.residual_scale
+    def __call__(self, x, positions, segment_ids, cache=None):
+        """``(x, cache)``: the layer output and the mixer's updated cache (None without one)."""
+        h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache)
+        x = x + h * self.residual_scale
         x = x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
-        return constrain(x, ("batch", "act_seq", "act_embed"))
+        return constrain(x, ("batch", "act_seq", "act_embed")), cache
 
 
 class MiniCPMModel(nnx.Module):
     """The decoder stack (``model.*`` in the checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
+                 attention_impl: str = "auto", lightning_impl: str = "auto"):
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        impls = {"minicpm4": attention_impl, "lightning-attn": lightning_impl}
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, kind, **kw) for kind in cfg.layer_mixers])
+        self.layers = nnx.List([DecoderLayer(cfg, kind, implementation=impls[kind], **kw)
+                                for kind in cfg.layer_mixers])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
 
@@ -55,15 +62,37 @@ class MiniCPMForCausalLM(nnx.Module):
 
     ``dtype`` is the compute dtype, ``param_dtype`` the master-weight dtype. Initialisation is muP:
     every matrix ~ N(0, (initializer_range / sqrt(hidden/dim_model_base))^2), norms = 1.
+    ``attention_impl`` / ``lightning_impl`` choose the InfLLM v2 / Lightning kernels (``"auto"``
+    picks by backend); they are runtime options, not part of the config.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                 attention_impl: str = "auto", lightning_impl: str = "auto"):
         self.config, self.dtype = cfg, dtype
         init_std = mup_init_std(cfg.initializer_range, cfg.hidden_size, cfg.dim_model_base)
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.model = MiniCPMModel(cfg, **kw)
+        self.model = MiniCPMModel(cfg, attention_impl=attention_impl, lightning_impl=lightning_impl, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw)
+
+    def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none"):
+        """Final-norm hidden states and the updated per-layer caches (``caches``: None or one per layer)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        x = self.model.embed_tokens(input_ids) * jnp.asarray(self.config.scale_emb, self.dtype)
+        x = constrain(x, ("batch", "act_seq", "act_embed"))
+
+        def run(layer, x, cache):
+            return layer(x, positions, segment_ids, cache)
+
+        if remat != "none":
+            run = nnx.remat(run, policy=REMAT_POLICIES[remat])
+        new = []
+        for layer, cache in zip(self.model.layers, caches or [None] * len(self.model.layers)):
+            x, cache = run(layer, x, cache)
+            new.append(cache)
+        return self.model.norm(x), tuple(new)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None, *, remat: str = "none") -> jax.Array:
@@ -71,24 +100,7 @@ class MiniCPMForCausalLM(nnx.Module):
 
         ``remat``: ``"none"``, ``"dots_saveable"`` or ``"full"`` rematerialisation of each layer.
         """
-        cfg = self.config
-        b, t = input_ids.shape
-        sparse = cfg.sparse_config
-        if sparse is not None and t >= sparse.dense_len:
-            raise NotImplementedError(f"sequence length {t} >= sparse_config.dense_len {sparse.dense_len}: "
-                                      "InfLLM v2 sparse attention is not wired into the model yet")
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = self.model.embed_tokens(input_ids) * jnp.asarray(cfg.scale_emb, self.dtype)
-        x = constrain(x, ("batch", "act_seq", "act_embed"))
-        def run(layer, x):
-            return layer(x, positions, segment_ids)
-
-        if remat != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[remat])
-        for layer in self.model.layers:
-            x = run(layer, x)
-        return self.model.norm(x)
+        return self._run(input_ids, positions, segment_ids, None, remat)[0]
 
     def logits(self, h: jax.Array) -> jax.Array:
         """fp32 logits of final hidden states: ``lm_head(h / (hidden/dim_model_base))``."""
@@ -104,3 +116,32 @@ class MiniCPMForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    # ----- decoding with caches (minicpm_jax.model.cache) -----
+
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> ModelCache:
+        """An empty decode cache for up to ``capacity`` tokens (K/V in ``dtype``, default the compute dtype)."""
+        dtype = dtype or self.dtype
+        layers = tuple(layer.self_attn.init_cache(batch, capacity, dtype) for layer in self.model.layers)
+        return ModelCache(jnp.zeros((), jnp.int32), layers)
+
+    def step(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+        """Appends ``input_ids [B, T]`` at positions ``cache.length + arange(T)``: ``(logits [B, T, V], cache)``.
+
+        Sparse (InfLLM v2) layers accept a multi-token step only on an empty cache (the prefill).
+        """
+        b, t = input_ids.shape
+        check_room(cache, t)
+        positions = jnp.broadcast_to(cache.length + jnp.arange(t), (b, t))
+        h, layers = self._run(input_ids, positions, None, cache.layers)
+        return self.logits(h), ModelCache(cache.length + t, layers)
+
+    def prefill(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+        """Fills an empty cache with a prompt ``[B, T]``: ``(last-position logits [B, V], cache)``."""
+        logits, cache = self.step(input_ids, cache)
+        return logits[:, -1], cache
+
+    def decode_step(self, token_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+        """One token per row ``[B]``: ``(logits [B, V], cache)``, equal to the full forward's last row."""
+        logits, cache = self.step(token_ids[:, None], cache)
+        return logits[:, 0], cache

@@ -2,7 +2,9 @@
 
 Order of the official forward: q/k/v projections (full MHA), per-head RMSNorm on q and k *before*
 RoPE, the Lightning recurrence with SALA's ALiBi decays in fp32, cast back, RMSNorm over the full
-width (``o_norm``), times ``sigmoid(z_proj(x))``, then ``o_proj``.
+width (``o_norm``), times ``sigmoid(z_proj(x))``, then ``o_proj``. With a ``LightningCache`` the
+recurrence continues from the cached fp32 state (one token: the decode step; more: chunked prefill).
+Packed rows (``segment_ids``) raise: the state is not reset at document starts.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.model.cache import LightningCache
 from minicpm_jax.model.layers import Linear, RMSNorm
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
-from pallas_kernels.lightning import alibi_slopes, lightning_attention
+from pallas_kernels.lightning import alibi_slopes, lightning_attention, lightning_decode_step
 
 
 class LightningAttention(nnx.Module):
@@ -35,10 +38,18 @@ class LightningAttention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.qk_norm else None
         self.o_norm = RMSNorm(nh * hd, cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.use_output_norm else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def init_cache(self, batch: int, capacity: int, dtype) -> LightningCache:
+        """A zero fp32 state ``[B, H, Dk, Dv]``: its size does not depend on ``capacity``."""
+        nh, hd = self.config.lightning_nh, self.config.lightning_head_dim
+        return LightningCache(jnp.zeros((batch, nh, hd, hd), jnp.float32))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: LightningCache | None = None):
+        """``(output, cache)``: with a cache the recurrence starts from its state and returns the new one."""
         if segment_ids is not None:
             raise ValueError("segment_ids (packed documents) are not supported by lightning-attn layers: "
-                             "the recurrent state would carry across documents")
+                             "the recurrent state would carry across documents; train hybrid models on "
+                             "unpacked rows (one document per row)")
         cfg = self.config
         nh, hd = cfg.lightning_nh, cfg.lightning_head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -49,13 +60,21 @@ class LightningAttention(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k.shape[2] != nh:
             k, v = (jnp.repeat(a, nh // a.shape[2], axis=2) for a in (k, v))
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         log_decay = -jnp.asarray(alibi_slopes(nh))
-        o = lightning_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), log_decay,
-                                scale=hd**-0.5, implementation=self.implementation)
+        if cache is None:
+            o = lightning_attention(q, k, v, log_decay, scale=hd**-0.5, implementation=self.implementation)
+        elif x.shape[1] == 1:
+            o, state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=hd**-0.5)
+            o, cache = o[:, None], LightningCache(state)
+        else:
+            o, state = lightning_attention(q, k, v, log_decay, scale=hd**-0.5, initial_state=cache.state,
+                                           return_final_state=True, implementation=self.implementation)
+            cache = LightningCache(state)
         b, t = x.shape[:2]
         o = o.reshape(b, t, nh * hd).astype(self.dtype)
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.z_proj is not None:
             o = o * jax.nn.sigmoid(self.z_proj(x)).reshape(b, t, nh * hd)
-        return self.o_proj(o.reshape(b, t, nh, hd))
+        return self.o_proj(o.reshape(b, t, nh, hd)), cache
