@@ -8,8 +8,8 @@ from infllm_testutil import inputs, jitted, rel_err, small_config
 from pallas_kernels.infllm_v2 import dense_causal_attention, infllm_v2_attention, reference
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_tpu"])
-@pytest.mark.parametrize("gen", ["B", "A"])
+@pytest.mark.parametrize("impl,gen", [(i, g) for i in ("reference", "xla", "pallas_tpu")
+                                      for g in "BA"] + [("pallas_gpu", "B")])
 def test_full_budget_equals_dense(impl, gen):
   t = 150                                                     # 10 blocks of 16
   cfg = small_config(topk=12, generation=gen)                 # topk >= number of blocks

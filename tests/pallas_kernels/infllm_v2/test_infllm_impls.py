@@ -8,7 +8,7 @@ from infllm_testutil import inputs, jitted, overlap, rel_err, small_config
 from pallas_kernels.infllm_v2 import InfLLMv2Config, block_sparse_attention, infllm_v2_attention
 from pallas_kernels.infllm_v2 import attention_blocks, reference, select_blocks
 
-IMPLS = ["xla", "pallas_tpu"]
+IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 
 
 def _loss_and_grads(impl, q, k, v, sel, block_size, do):
@@ -36,7 +36,8 @@ def test_attention_fp32_fwd_and_grads(impl, gen):
     assert rel_err(a, b) <= 1e-5, name
 
 
-@pytest.mark.parametrize("impl,gen", [("xla", "B"), ("xla", "A"), ("pallas_tpu", "B")])
+@pytest.mark.parametrize("impl,gen", [("xla", "B"), ("xla", "A"), ("pallas_tpu", "B"),
+                                      ("pallas_gpu", "A")])
 def test_end_to_end_matches_reference(impl, gen):
   """Whole pipeline (selection + attention) with selection keys, fp32, forward and gradients.
 
