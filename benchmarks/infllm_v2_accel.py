@@ -2,7 +2,7 @@
 
 B=1, Hq=32, Hkv=2, D=128, bf16, the spec's parameters (96 blocks), T in {32K, 64K, 128K}.
 Sparse = selection + block-sparse attention with ``implementation="auto"`` (Pallas TPU kernel on
-TPU, XLA gather path on GPU). Dense = a fused flash attention of the platform
+TPU, XLA gather path on GPU; ``--implementation pallas_gpu`` for the Triton kernel). Dense = a fused flash attention of the platform
 (``jax.nn.dot_product_attention(implementation="cudnn")`` on GPU, splash attention on TPU),
 falling back to the package's flash-style jnp attention. Same table and JSON as the CPU script.
 
@@ -57,12 +57,15 @@ def main(argv=None):
   p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
   p.add_argument("--bwd-lengths", type=int, nargs="*", default=[32768])
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--implementation", default="auto",
+                 help="auto (pallas_tpu on TPU, xla on GPU), xla, pallas_tpu or pallas_gpu")
   p.add_argument("--out", default=os.path.join(HERE, "results",
                                                f"infllm_v2_{jax.default_backend()}.json"))
   args = p.parse_args(argv)
   cfg = InfLLMv2Config(dense_len=-1)
   dense_name, dense_fn = platform_dense()
-  sparse_fn = functools.partial(infllm_v2_attention, config=cfg, implementation="auto")
+  sparse_fn = functools.partial(infllm_v2_attention, config=cfg,
+                                implementation=args.implementation, interpret=False)
   print(f"backend={jax.default_backend()} devices={jax.devices()} dense={dense_name}", flush=True)
   rows, t0 = [], time.perf_counter()
   for t in args.lengths:
@@ -88,6 +91,7 @@ def main(argv=None):
     rows.append(row)
   print(cpu_bench.table(rows))
   result = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), dense=dense_name,
+                implementation=args.implementation,
                 rows=rows, targets=cpu_bench.targets(rows), total_s=time.perf_counter() - t0)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".tmp", "w") as f:
