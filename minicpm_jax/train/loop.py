@@ -46,14 +46,18 @@ def run_training(cfg: Config, *, loss_fn: LossFn | None = None, model: MiniCPMFo
     tc, out = cfg.train, Path(cfg.train.output_dir)
     mesh = make_mesh(cfg.mesh)
     check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
+    if model is None and tc.init_from:
+        model_cfg, model = load_any(tc.init_from, mesh=mesh, dtype=jnp.dtype(cfg.dtype),
+                                    param_dtype=jnp.dtype(cfg.param_dtype))
+        if model_cfg != cfg.model:
+            console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
+            cfg = cfg.model_copy(update={"model": model_cfg})
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     data_kw = dict(tokenizer=tokenizer, vocab_size=cfg.model.vocab_size,
                    max_position_embeddings=cfg.model.max_position_embeddings)
     data = make_train_iterator(cfg.data, global_batch_size=tc.global_batch_size, process_index=jax.process_index(),
                                process_count=jax.process_count(), **data_kw)
     eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
-    if model is None and tc.init_from:
-        _, model = load_any(tc.init_from, mesh=mesh, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model)
     checkpointer = TrainCheckpointer(out / "checkpoints", keep=tc.keep_checkpoints)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

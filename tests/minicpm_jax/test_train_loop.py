@@ -13,6 +13,7 @@ import pytest
 
 from minicpm_jax.ckpt import load_model
 from minicpm_jax.config import load_recipe
+from minicpm_jax.interop import save_hf_checkpoint
 from minicpm_jax.train.loop import TrainingDiverged, run_training
 from minicpm_jax.train.metrics import read_metrics
 
@@ -112,3 +113,13 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     skipped = [r["skipped_steps"] for r in read_metrics(out) if "skipped_steps" in r]
     assert skipped[-2:] == [1.0, 2.0]
+
+
+def test_init_from_exported_checkpoint(tmp_path):
+    """Continue from a Hugging Face export: the first loss is the exported model's loss, not a fresh one's."""
+    first = run_training(_cfg(tmp_path / "a", "train.steps=40", "optimizer.decay_steps=10", "train.checkpoint_every=40"))
+    cfg, model = load_model(tmp_path / "a" / "final")
+    save_hf_checkpoint(model, cfg, tmp_path / "hf", dtype="float32")
+    second = run_training(_cfg(tmp_path / "b", "train.steps=2", "optimizer.warmup_steps=0", "optimizer.decay_steps=0",
+                               f"train.init_from={tmp_path / 'hf'}", "train.checkpoint_every=2"))
+    assert second["first_loss"] < 0.8 * first["first_loss"]
