@@ -4,6 +4,7 @@
 Semantics (SALA / FLA simple-GLA, per batch and head, λ = exp(log_decay[h])):
 ``S_t = λ·S_{t−1} + k_tᵀ v_t`` and ``o_t = scale·q_t S_t`` — decay first, current token undecayed.
 """
+
 import dataclasses
 import functools
 import importlib
@@ -19,109 +20,119 @@ _CHUNKED = ("xla", "pallas_tpu", "pallas_gpu")
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  implementation: str
-  scale: float
-  chunk_size: int
-  interpret: object   # bool, or pltpu.InterpretParams for pallas_tpu
+    implementation: str
+    scale: float
+    chunk_size: int
+    interpret: object  # bool, or pltpu.InterpretParams for pallas_tpu
 
 
 def _module(cfg):
-  return importlib.import_module(f"{__package__}.{cfg.implementation}")
+    return importlib.import_module(f"{__package__}.{cfg.implementation}")
 
 
 def _kwargs(cfg):
-  kw = dict(scale=cfg.scale, chunk_size=cfg.chunk_size)
-  if cfg.implementation.startswith("pallas"):
-    kw["interpret"] = cfg.interpret
-  return kw
+    kw = dict(scale=cfg.scale, chunk_size=cfg.chunk_size)
+    if cfg.implementation.startswith("pallas"):
+        kw["interpret"] = cfg.interpret
+    return kw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _chunked(q, k, v, log_decay, state, cfg):
-  o, final, _ = _module(cfg).forward(q, k, v, log_decay, state, save_states=False, **_kwargs(cfg))
-  return o, final
+    o, final, _ = _module(cfg).forward(q, k, v, log_decay, state, save_states=False, **_kwargs(cfg))
+    return o, final
 
 
 def _chunked_fwd(q, k, v, log_decay, state, cfg):
-  o, final, states = _module(cfg).forward(q, k, v, log_decay, state, save_states=True,
-                                          **_kwargs(cfg))
-  return (o, final), (q, k, v, log_decay, states)
+    o, final, states = _module(cfg).forward(q, k, v, log_decay, state, save_states=True, **_kwargs(cfg))
+    return (o, final), (q, k, v, log_decay, states)
 
 
 def _chunked_bwd(cfg, res, cotangents):
-  q, k, v, log_decay, states = res
-  do, d_final = cotangents
-  dq, dk, dv, d_state = _module(cfg).backward(q, k, v, log_decay, states, do, d_final,
-                                              **_kwargs(cfg))
-  # log_decay is a fixed (non-trainable) per-head constant in SALA: it gets a zero cotangent.
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jnp.zeros_like(log_decay), d_state)
+    q, k, v, log_decay, states = res
+    do, d_final = cotangents
+    dq, dk, dv, d_state = _module(cfg).backward(q, k, v, log_decay, states, do, d_final, **_kwargs(cfg))
+    # log_decay is a fixed (non-trainable) per-head constant in SALA: it gets a zero cotangent.
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(log_decay), d_state)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def lightning_attention(q, k, v, log_decay, *, scale=None, initial_state=None,
-                        return_final_state=False, chunk_size=64, implementation="auto",
-                        interpret=None):
-  """Lightning (simple-GLA, constant per-head decay) attention.
+def lightning_attention(
+    q,
+    k,
+    v,
+    log_decay,
+    *,
+    scale=None,
+    initial_state=None,
+    return_final_state=False,
+    chunk_size=64,
+    implementation="auto",
+    interpret=None,
+):
+    """Lightning (simple-GLA, constant per-head decay) attention.
 
-  Args:
-    q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; float32, bfloat16 or float16 (one dtype).
-    log_decay: ``[H]``, strictly negative (``-alibi_slopes(H)`` for SALA). Gets no gradient.
-    scale: multiplies q; default ``Dk**-0.5``.
-    initial_state: optional ``[B, H, Dk, Dv]`` (kept fp32 internally); default zeros.
-    return_final_state: also return the fp32 state after the last token.
-    chunk_size: tokens per chunk for the chunked implementations and the recurrent checkpointing.
-    implementation: ``"auto"`` (TPU → ``pallas_tpu``, else ``xla``), ``"reference"``,
-      ``"recurrent"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
-    interpret: Pallas only. ``None``: compiled kernel, error off its backend; ``True``: interpret
-      mode (CPU tests); ``False``: compiled kernel even off-backend (``jax.export`` lowering).
+    Args:
+      q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; float32, bfloat16 or float16 (one dtype).
+      log_decay: ``[H]``, strictly negative (``-alibi_slopes(H)`` for SALA). Gets no gradient.
+      scale: multiplies q; default ``Dk**-0.5``.
+      initial_state: optional ``[B, H, Dk, Dv]`` (kept fp32 internally); default zeros.
+      return_final_state: also return the fp32 state after the last token.
+      chunk_size: tokens per chunk for the chunked implementations and the recurrent checkpointing.
+      implementation: ``"auto"`` (TPU → ``pallas_tpu``, else ``xla``), ``"reference"``,
+        ``"recurrent"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
+      interpret: Pallas only. ``None``: compiled kernel, error off its backend; ``True``: interpret
+        mode (CPU tests); ``False``: compiled kernel even off-backend (``jax.export`` lowering).
 
-  Returns:
-    ``o [B, T, H, Dv]`` in the input dtype, or ``(o, final_state fp32)``.
-  """
-  b, t, h, dk, dv = validation.check_inputs(q, k, v)
-  log_decay = validation.check_log_decay(log_decay, h)
-  scale = validation.check_scale(scale, dk)
-  impl = validation.resolve_implementation(implementation, interpret)
-  validation.check_chunk_size(chunk_size, impl, q.dtype, (dk, dv))
-  if initial_state is None:
-    state = jnp.zeros((b, h, dk, dv), _F32)
-  else:
-    validation.check_state("initial_state", initial_state, (b, h, dk, dv))
-    state = initial_state.astype(_F32)
-  if impl == "reference":
-    o, final = reference.forward(q, k, v, log_decay, state, scale=scale)
-  elif impl == "recurrent":
-    o, final = recurrent.forward(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size)
-  else:
-    chunk = min(chunk_size, t) if impl == "xla" else chunk_size
-    interp = interpret if impl == "pallas_tpu" and not isinstance(interpret, (bool, type(None))) \
-        else bool(interpret)          # pltpu.InterpretParams passes through (TPU interpreter)
-    cfg = _Config(impl, scale, int(chunk), interp)
-    o, final = _chunked(q, k, v, log_decay, state, cfg)
-  o = o.astype(q.dtype)
-  return (o, final) if return_final_state else o
+    Returns:
+      ``o [B, T, H, Dv]`` in the input dtype, or ``(o, final_state fp32)``.
+    """
+    b, t, h, dk, dv = validation.check_inputs(q, k, v)
+    log_decay = validation.check_log_decay(log_decay, h)
+    scale = validation.check_scale(scale, dk)
+    impl = validation.resolve_implementation(implementation, interpret)
+    validation.check_chunk_size(chunk_size, impl, q.dtype, (dk, dv))
+    if initial_state is None:
+        state = jnp.zeros((b, h, dk, dv), _F32)
+    else:
+        validation.check_state("initial_state", initial_state, (b, h, dk, dv))
+        state = initial_state.astype(_F32)
+    if impl == "reference":
+        o, final = reference.forward(q, k, v, log_decay, state, scale=scale)
+    elif impl == "recurrent":
+        o, final = recurrent.forward(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size)
+    else:
+        chunk = min(chunk_size, t) if impl == "xla" else chunk_size
+        interp = (
+            interpret if impl == "pallas_tpu" and not isinstance(interpret, (bool, type(None))) else bool(interpret)
+        )  # pltpu.InterpretParams passes through (TPU interpreter)
+        cfg = _Config(impl, scale, int(chunk), interp)
+        o, final = _chunked(q, k, v, log_decay, state, cfg)
+    o = o.astype(q.dtype)
+    return (o, final) if return_final_state else o
 
 
 def lightning_decode_step(q_t, k_t, v_t, log_decay, state, *, scale=None):
-  """One generation step. q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, state ``[B, H, Dk, Dv]``.
+    """One generation step. q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, state ``[B, H, Dk, Dv]``.
 
-  Returns ``(o_t [B, H, Dv] in q_t's dtype, new_state fp32)``; equals one token of
-  ``lightning_attention(..., initial_state=state, return_final_state=True)``.
-  """
-  for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-    if x.ndim != 3:
-      raise ValueError(f"{name} must be 3-D [B, H, D], got shape {x.shape}")
-    validation.check_float(name, x)
-  if k_t.shape != q_t.shape or v_t.shape[:2] != q_t.shape[:2]:
-    raise ValueError(f"k_t must match q_t {q_t.shape} and v_t must be [B, H, Dv]; "
-                     f"got k_t {k_t.shape}, v_t {v_t.shape}")
-  b, h, dk = q_t.shape
-  log_decay = validation.check_log_decay(log_decay, h)
-  scale = validation.check_scale(scale, dk)
-  validation.check_state("state", state, (b, h, dk, v_t.shape[-1]))
-  o_t, new_state = decode.decode_step(q_t.astype(_F32), k_t.astype(_F32), v_t.astype(_F32),
-                                      log_decay, state.astype(_F32), scale)
-  return o_t.astype(q_t.dtype), new_state
+    Returns ``(o_t [B, H, Dv] in q_t's dtype, new_state fp32)``; equals one token of
+    ``lightning_attention(..., initial_state=state, return_final_state=True)``.
+    """
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must be 3-D [B, H, D], got shape {x.shape}")
+        validation.check_float(name, x)
+    if k_t.shape != q_t.shape or v_t.shape[:2] != q_t.shape[:2]:
+        raise ValueError(
+            f"k_t must match q_t {q_t.shape} and v_t must be [B, H, Dv]; got k_t {k_t.shape}, v_t {v_t.shape}"
+        )
+    b, h, dk = q_t.shape
+    log_decay = validation.check_log_decay(log_decay, h)
+    scale = validation.check_scale(scale, dk)
+    validation.check_state("state", state, (b, h, dk, v_t.shape[-1]))
+    o_t, new_state = decode.decode_step(
+        q_t.astype(_F32), k_t.astype(_F32), v_t.astype(_F32), log_decay, state.astype(_F32), scale
+    )
+    return o_t.astype(q_t.dtype), new_state

@@ -12,6 +12,7 @@ the state and its gradient are always fp32.
 The backward walks the chunks in reverse (index map ``n → N−1−n``) with the state gradient
 ``dS`` in VMEM, reading the per-chunk states written by the forward (``save_states=True``).
 """
+
 import functools
 
 import jax
@@ -26,155 +27,165 @@ _F32 = jnp.float32
 
 
 def _dot(a, b, ca, cb, dtype):
-  """``a·b`` contracting dim ``ca`` of a with ``cb`` of b (2-D), fp32 accumulation.
+    """``a·b`` contracting dim ``ca`` of a with ``cb`` of b (2-D), fp32 accumulation.
 
-  Operands go to the MXU in the input dtype: bf16/fp16 inputs use native 16-bit passes, fp32
-  inputs use full fp32 precision (``HIGHEST``)."""
-  hi = jnp.dtype(dtype) == jnp.float32
-  return lax.dot_general(a.astype(dtype), b.astype(dtype), (((ca,), (cb,)), ((), ())),
-                         precision=lax.Precision.HIGHEST if hi else lax.Precision.DEFAULT,
-                         preferred_element_type=_F32)
+    Operands go to the MXU in the input dtype: bf16/fp16 inputs use native 16-bit passes, fp32
+    inputs use full fp32 precision (``HIGHEST``)."""
+    hi = jnp.dtype(dtype) == jnp.float32
+    return lax.dot_general(
+        a.astype(dtype),
+        b.astype(dtype),
+        (((ca,), (cb,)), ((), ())),
+        precision=lax.Precision.HIGHEST if hi else lax.Precision.DEFAULT,
+        preferred_element_type=_F32,
+    )
 
 
 def chunk_factors(g, length, c):
-  """In-kernel decay factors for one chunk of real length ``length`` (f32 scalar)."""
-  i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  delta = (i - j).astype(_F32)
-  intra = jnp.where(delta >= 0, jnp.exp(g * jnp.maximum(delta, 0.0)), 0.0)
-  pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0).astype(_F32)
-  qdec = jnp.exp(g * (pos + 1.0))
-  kdelta = length - 1.0 - pos
-  kdec = jnp.where(kdelta >= 0, jnp.exp(g * jnp.maximum(kdelta, 0.0)), 0.0)
-  bdec = jnp.exp(g * jnp.full((1, 1), length, _F32))
-  return intra, qdec, kdec, bdec
+    """In-kernel decay factors for one chunk of real length ``length`` (f32 scalar)."""
+    i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    delta = (i - j).astype(_F32)
+    intra = jnp.where(delta >= 0, jnp.exp(g * jnp.maximum(delta, 0.0)), 0.0)
+    pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0).astype(_F32)
+    qdec = jnp.exp(g * (pos + 1.0))
+    kdelta = length - 1.0 - pos
+    kdec = jnp.where(kdelta >= 0, jnp.exp(g * jnp.maximum(kdelta, 0.0)), 0.0)
+    bdec = jnp.exp(g * jnp.full((1, 1), length, _F32))
+    return intra, qdec, kdec, bdec
 
 
 def _length(chunk, t, c):
-  last = float(chunk_lengths(t, c)[-1])
-  return jnp.where(chunk == num_chunks(t, c) - 1, last, float(c)).astype(_F32)
+    last = float(chunk_lengths(t, c)[-1])
+    return jnp.where(chunk == num_chunks(t, c) - 1, last, float(c)).astype(_F32)
 
 
 def _fwd_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *rest, t, c, scale, save):
-  states_ref, s_scr = rest if save else (None, rest[0])
-  n = pl.program_id(2)
+    states_ref, s_scr = rest if save else (None, rest[0])
+    n = pl.program_id(2)
 
-  @pl.when(n == 0)
-  def _():
-    s_scr[...] = s0_ref[...].astype(_F32)
+    @pl.when(n == 0)
+    def _():
+        s_scr[...] = s0_ref[...].astype(_F32)
 
-  intra, qdec, kdec, bdec = chunk_factors(g_ref[pl.program_id(1)], _length(n, t, c), c)
-  dt = q_ref.dtype
-  dot = functools.partial(_dot, dtype=dt)
-  q = (q_ref[...].astype(_F32) * scale).astype(dt)
-  k, v = k_ref[...], v_ref[...]
-  s = s_scr[...]
-  if save:
-    states_ref[...] = s
-  o = dot(dot(q, k, 1, 1) * intra, v, 1, 0) + qdec * dot(q, s, 1, 0)
-  o_ref[...] = o.astype(o_ref.dtype)
-  s_new = bdec * s + dot(k.astype(_F32) * kdec, v, 0, 0)
-  s_scr[...] = s_new
+    intra, qdec, kdec, bdec = chunk_factors(g_ref[pl.program_id(1)], _length(n, t, c), c)
+    dt = q_ref.dtype
+    dot = functools.partial(_dot, dtype=dt)
+    q = (q_ref[...].astype(_F32) * scale).astype(dt)
+    k, v = k_ref[...], v_ref[...]
+    s = s_scr[...]
+    if save:
+        states_ref[...] = s
+    o = dot(dot(q, k, 1, 1) * intra, v, 1, 0) + qdec * dot(q, s, 1, 0)
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_new = bdec * s + dot(k.astype(_F32) * kdec, v, 0, 0)
+    s_scr[...] = s_new
 
-  @pl.when(n == pl.num_programs(2) - 1)
-  def _():
-    sT_ref[...] = s_new
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        sT_ref[...] = s_new
 
 
-def _bwd_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, st_ref, dsT_ref,
-                dq_ref, dk_ref, dv_ref, ds0_ref, ds_scr, *, t, c, scale):
-  n = pl.program_id(2)
-  chunk = pl.num_programs(2) - 1 - n
+def _bwd_kernel(
+    g_ref, q_ref, k_ref, v_ref, do_ref, st_ref, dsT_ref, dq_ref, dk_ref, dv_ref, ds0_ref, ds_scr, *, t, c, scale
+):
+    n = pl.program_id(2)
+    chunk = pl.num_programs(2) - 1 - n
 
-  @pl.when(n == 0)
-  def _():
-    ds_scr[...] = dsT_ref[...].astype(_F32)
+    @pl.when(n == 0)
+    def _():
+        ds_scr[...] = dsT_ref[...].astype(_F32)
 
-  intra, qdec, kdec, bdec = chunk_factors(g_ref[pl.program_id(1)], _length(chunk, t, c), c)
-  dt = q_ref.dtype
-  dot = functools.partial(_dot, dtype=dt)
-  q = (q_ref[...].astype(_F32) * scale).astype(dt)
-  k, v, do = k_ref[...], v_ref[...], do_ref[...].astype(dt)
-  s, ds = st_ref[...], ds_scr[...]                     # state entering / grad of state leaving
-  scores = dot(q, k, 1, 1) * intra
-  dscores = dot(do, v, 1, 1) * intra
-  dq_ref[...] = (scale * (dot(dscores, k, 1, 0) + qdec * dot(do, s, 1, 1))).astype(dq_ref.dtype)
-  dk_ref[...] = (dot(dscores, q, 0, 0) + kdec * dot(v, ds, 1, 1)).astype(dk_ref.dtype)
-  dv_ref[...] = (dot(scores, do, 0, 0) + kdec * dot(k, ds, 1, 0)).astype(dv_ref.dtype)
-  ds_new = bdec * ds + dot(q.astype(_F32) * qdec, do, 0, 0)
-  ds_scr[...] = ds_new
+    intra, qdec, kdec, bdec = chunk_factors(g_ref[pl.program_id(1)], _length(chunk, t, c), c)
+    dt = q_ref.dtype
+    dot = functools.partial(_dot, dtype=dt)
+    q = (q_ref[...].astype(_F32) * scale).astype(dt)
+    k, v, do = k_ref[...], v_ref[...], do_ref[...].astype(dt)
+    s, ds = st_ref[...], ds_scr[...]  # state entering / grad of state leaving
+    scores = dot(q, k, 1, 1) * intra
+    dscores = dot(do, v, 1, 1) * intra
+    dq_ref[...] = (scale * (dot(dscores, k, 1, 0) + qdec * dot(do, s, 1, 1))).astype(dq_ref.dtype)
+    dk_ref[...] = (dot(dscores, q, 0, 0) + kdec * dot(v, ds, 1, 1)).astype(dk_ref.dtype)
+    dv_ref[...] = (dot(scores, do, 0, 0) + kdec * dot(k, ds, 1, 0)).astype(dv_ref.dtype)
+    ds_new = bdec * ds + dot(q.astype(_F32) * qdec, do, 0, 0)
+    ds_scr[...] = ds_new
 
-  @pl.when(n == pl.num_programs(2) - 1)
-  def _():
-    ds0_ref[...] = ds_new
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        ds0_ref[...] = ds_new
 
 
 def _seq(x, c):
-  """``[B,T,H,D]`` -> ``[B,H,N·C,D]`` in the input dtype."""
-  b, h, n, _, d = (y := to_chunks(x, c, x.dtype)).shape
-  return y.reshape(b, h, n * c, d)
+    """``[B,T,H,D]`` -> ``[B,H,N·C,D]`` in the input dtype."""
+    b, h, n, _, d = (y := to_chunks(x, c, x.dtype)).shape
+    return y.reshape(b, h, n * c, d)
 
 
 def _unseq(x, t, c):
-  b, h, tp, d = x.shape
-  return from_chunks(x.reshape(b, h, tp // c, c, d), t, x.dtype)
+    b, h, tp, d = x.shape
+    return from_chunks(x.reshape(b, h, tp // c, c, d), t, x.dtype)
 
 
 def _params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_states=False,
-            interpret=False):
-  """Returns ``(o [B,T,H,Dv] in q.dtype, final_state fp32, chunk_states or None)``."""
-  b, t, h, dk = q.shape
-  dv, c = v.shape[-1], chunk_size
-  n = num_chunks(t, c)
-  tile = lambda d: pl.BlockSpec((None, None, c, d), lambda bi, hi, ni, g: (bi, hi, ni, 0))
-  state = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, 0, 0))
-  out_specs = [tile(dv), state]
-  out_shape = [jax.ShapeDtypeStruct((b, h, n * c, dv), q.dtype),
-               jax.ShapeDtypeStruct((b, h, dk, dv), _F32)]
-  if save_states:
-    out_specs.append(pl.BlockSpec((None, None, None, dk, dv),
-                                  lambda bi, hi, ni, g: (bi, hi, ni, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), _F32))
-  kernel = functools.partial(_fwd_kernel, t=t, c=c, scale=scale, save=save_states)
-  outs = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, h, n),
-          in_specs=[tile(dk), tile(dk), tile(dv), state], out_specs=out_specs,
-          scratch_shapes=[pltpu.VMEM((dk, dv), _F32)]),
-      out_shape=out_shape, compiler_params=_params(), interpret=interpret,
-  )(log_decay.astype(_F32), _seq(q, c), _seq(k, c), _seq(v, c), initial_state.astype(_F32))
-  states = outs[2] if save_states else None
-  return _unseq(outs[0], t, c), outs[1], states
+def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_states=False, interpret=False):
+    """Returns ``(o [B,T,H,Dv] in q.dtype, final_state fp32, chunk_states or None)``."""
+    b, t, h, dk = q.shape
+    dv, c = v.shape[-1], chunk_size
+    n = num_chunks(t, c)
+    tile = lambda d: pl.BlockSpec((None, None, c, d), lambda bi, hi, ni, g: (bi, hi, ni, 0))
+    state = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, 0, 0))
+    out_specs = [tile(dv), state]
+    out_shape = [jax.ShapeDtypeStruct((b, h, n * c, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), _F32)]
+    if save_states:
+        out_specs.append(pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, ni, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), _F32))
+    kernel = functools.partial(_fwd_kernel, t=t, c=c, scale=scale, save=save_states)
+    outs = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, h, n),
+            in_specs=[tile(dk), tile(dk), tile(dv), state],
+            out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((dk, dv), _F32)],
+        ),
+        out_shape=out_shape,
+        compiler_params=_params(),
+        interpret=interpret,
+    )(log_decay.astype(_F32), _seq(q, c), _seq(k, c), _seq(v, c), initial_state.astype(_F32))
+    states = outs[2] if save_states else None
+    return _unseq(outs[0], t, c), outs[1], states
 
 
-def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=64,
-             interpret=False):
-  """Chunk-wise VJP kernel. Returns ``(dq, dk, dv)`` in the input dtypes and fp32 ``d_state``."""
-  b, t, h, dk = q.shape
-  dv, c = v.shape[-1], chunk_size
-  n = num_chunks(t, c)
-  rev = lambda bi, hi, ni, g: (bi, hi, n - 1 - ni, 0)
-  tile = lambda d: pl.BlockSpec((None, None, c, d), rev)
-  state = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, 0, 0))
-  st = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, n - 1 - ni, 0, 0))
-  kernel = functools.partial(_bwd_kernel, t=t, c=c, scale=scale)
-  dq, dk_, dv_, ds0 = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, h, n),
-          in_specs=[tile(dk), tile(dk), tile(dv), tile(dv), st, state],
-          out_specs=[tile(dk), tile(dk), tile(dv), state],
-          scratch_shapes=[pltpu.VMEM((dk, dv), _F32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, h, n * c, dk), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, n * c, dk), k.dtype),
-                 jax.ShapeDtypeStruct((b, h, n * c, dv), v.dtype),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
-      compiler_params=_params(), interpret=interpret,
-  )(log_decay.astype(_F32), _seq(q, c), _seq(k, c), _seq(v, c), _seq(do, c), chunk_states,
-    d_final.astype(_F32))
-  return _unseq(dq, t, c), _unseq(dk_, t, c), _unseq(dv_, t, c), ds0
+def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=64, interpret=False):
+    """Chunk-wise VJP kernel. Returns ``(dq, dk, dv)`` in the input dtypes and fp32 ``d_state``."""
+    b, t, h, dk = q.shape
+    dv, c = v.shape[-1], chunk_size
+    n = num_chunks(t, c)
+    rev = lambda bi, hi, ni, g: (bi, hi, n - 1 - ni, 0)
+    tile = lambda d: pl.BlockSpec((None, None, c, d), rev)
+    state = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, 0, 0))
+    st = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, ni, g: (bi, hi, n - 1 - ni, 0, 0))
+    kernel = functools.partial(_bwd_kernel, t=t, c=c, scale=scale)
+    dq, dk_, dv_, ds0 = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, h, n),
+            in_specs=[tile(dk), tile(dk), tile(dv), tile(dv), st, state],
+            out_specs=[tile(dk), tile(dk), tile(dv), state],
+            scratch_shapes=[pltpu.VMEM((dk, dv), _F32)],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, n * c, dk), q.dtype),
+            jax.ShapeDtypeStruct((b, h, n * c, dk), k.dtype),
+            jax.ShapeDtypeStruct((b, h, n * c, dv), v.dtype),
+            jax.ShapeDtypeStruct((b, h, dk, dv), _F32),
+        ],
+        compiler_params=_params(),
+        interpret=interpret,
+    )(log_decay.astype(_F32), _seq(q, c), _seq(k, c), _seq(v, c), _seq(do, c), chunk_states, d_final.astype(_F32))
+    return _unseq(dq, t, c), _unseq(dk_, t, c), _unseq(dv_, t, c), ds0

@@ -4,6 +4,7 @@ The scan runs over chunks of ``chunk_size`` tokens; each chunk is an inner scan 
 ``jax.checkpoint``, so reverse-mode autodiff keeps only one state per chunk (never per token) and
 recomputes the per-token states of one chunk at a time. Padded tokens leave the state unchanged.
 """
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -14,27 +15,27 @@ _F32 = jnp.float32
 
 
 def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64):
-  """Returns ``(o [B,T,H,Dv] fp32, final_state [B,H,Dk,Dv] fp32)``."""
-  b, t, h, _ = q.shape
-  c = min(chunk_size, t)
-  n = -(-t // c)
-  pad = n * c - t
+    """Returns ``(o [B,T,H,Dv] fp32, final_state [B,H,Dk,Dv] fp32)``."""
+    b, t, h, _ = q.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = n * c - t
 
-  def split(x):  # [B,T,H,D] -> [N,C,B,H,D]
-    x = jnp.pad(x.astype(_F32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    return x.reshape(b, n, c, h, x.shape[-1]).transpose(1, 2, 0, 3, 4)
+    def split(x):  # [B,T,H,D] -> [N,C,B,H,D]
+        x = jnp.pad(x.astype(_F32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(b, n, c, h, x.shape[-1]).transpose(1, 2, 0, 3, 4)
 
-  valid = (jnp.arange(n * c) < t).reshape(n, c)
+    valid = (jnp.arange(n * c) < t).reshape(n, c)
 
-  def token(state, xs):
-    q_t, k_t, v_t, ok = xs
-    o_t, new = decode_step(q_t, k_t, v_t, log_decay, state, scale)
-    return jnp.where(ok, new, state), o_t
+    def token(state, xs):
+        q_t, k_t, v_t, ok = xs
+        o_t, new = decode_step(q_t, k_t, v_t, log_decay, state, scale)
+        return jnp.where(ok, new, state), o_t
 
-  @jax.checkpoint
-  def chunk(state, xs):
-    return lax.scan(token, state, xs)
+    @jax.checkpoint
+    def chunk(state, xs):
+        return lax.scan(token, state, xs)
 
-  final, o = lax.scan(chunk, initial_state.astype(_F32), (split(q), split(k), split(v), valid))
-  o = o.transpose(2, 0, 1, 3, 4).reshape(b, n * c, h, -1)[:, :t]
-  return o, final
+    final, o = lax.scan(chunk, initial_state.astype(_F32), (split(q), split(k), split(v), valid))
+    o = o.transpose(2, 0, 1, 3, 4).reshape(b, n * c, h, -1)[:, :t]
+    return o, final

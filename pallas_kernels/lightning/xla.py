@@ -7,6 +7,7 @@ two-level ``chunk_scan`` (N/16 sequential steps). Memory O(T·(C + D) + N·Dk·D
 per-chunk states saved by the forward and runs the reverse state-gradient scan
 ``dS = λ^L dS' + (diag(λ^{i+1}) Q)ᵀ dO``.
 """
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -17,46 +18,45 @@ _HI = lax.Precision.HIGHEST
 
 
 def _ein(spec, a, b):
-  return jnp.einsum(spec, a, b, precision=_HI, preferred_element_type=_F32)
+    return jnp.einsum(spec, a, b, precision=_HI, preferred_element_type=_F32)
 
 
 def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_states=False):
-  """Returns ``(o [B,T,H,Dv] fp32, final_state, chunk_states [B,H,N,Dk,Dv] or None)``.
+    """Returns ``(o [B,T,H,Dv] fp32, final_state, chunk_states [B,H,N,Dk,Dv] or None)``.
 
-  ``chunk_states[:, :, n]`` is the state entering chunk n (input to the backward).
-  """
-  t = q.shape[1]
-  c = chunk_size
-  intra, qdec, kdec = decay_factors(log_decay, t, c)
-  qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))
-  qc = qc * scale
-  scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
-  o = _ein("bhnce,bhnev->bhncv", scores, vc)
-  u = _ein("bhncd,bhncv->bhndv", kc * kdec[None, :, :, :, None], vc)
-  states, final = chunk_scan(u, chunk_lengths(t, c), log_decay, initial_state)  # [B,H,N,Dk,Dv]
-  o = o + _ein("bhncd,bhndv->bhncv", qc * qdec[None, :, None, :, None], states)
-  return from_chunks(o, t, _F32), final, (states if save_states else None)
+    ``chunk_states[:, :, n]`` is the state entering chunk n (input to the backward).
+    """
+    t = q.shape[1]
+    c = chunk_size
+    intra, qdec, kdec = decay_factors(log_decay, t, c)
+    qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))
+    qc = qc * scale
+    scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
+    o = _ein("bhnce,bhnev->bhncv", scores, vc)
+    u = _ein("bhncd,bhncv->bhndv", kc * kdec[None, :, :, :, None], vc)
+    states, final = chunk_scan(u, chunk_lengths(t, c), log_decay, initial_state)  # [B,H,N,Dk,Dv]
+    o = o + _ein("bhncd,bhndv->bhncv", qc * qdec[None, :, None, :, None], states)
+    return from_chunks(o, t, _F32), final, (states if save_states else None)
 
 
 def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=64):
-  """Chunk-wise VJP. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
-  t = q.shape[1]
-  c = chunk_size
-  intra, qdec, kdec = decay_factors(log_decay, t, c)
-  qc, kc, vc, doc = (to_chunks(x, c) for x in (q, k, v, do))
-  qc = qc * scale
-  qd = qc * qdec[None, :, None, :, None]
-  kd = kdec[None, :, :, :, None]
-  w = _ein("bhncd,bhncv->bhndv", qd, doc)                          # dS contribution of O_inter
-  # Reverse recurrence dS_enter[n] = λ^{L_n}·dS_leave[n] + W_n, run as a forward scan on flipped
-  # chunks; its "entering" values are the gradients of the states leaving each chunk.
-  d_after, d_init = chunk_scan(jnp.flip(w, 2), chunk_lengths(t, c)[::-1], log_decay, d_final)
-  d_after = jnp.flip(d_after, 2)
-  scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
-  dscores = _ein("bhncv,bhnev->bhnce", doc, vc) * intra[None, :, None]
-  dq = _ein("bhnce,bhned->bhncd", dscores, kc)
-  dq = dq + qdec[None, :, None, :, None] * _ein("bhncv,bhndv->bhncd", doc, chunk_states)
-  dk = _ein("bhnce,bhncd->bhned", dscores, qc) + kd * _ein("bhncv,bhndv->bhncd", vc, d_after)
-  dv = _ein("bhnce,bhncv->bhnev", scores, doc) + kd * _ein("bhncd,bhndv->bhncv", kc, d_after)
-  return (from_chunks(dq * scale, t, _F32), from_chunks(dk, t, _F32),
-          from_chunks(dv, t, _F32), d_init)
+    """Chunk-wise VJP. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
+    t = q.shape[1]
+    c = chunk_size
+    intra, qdec, kdec = decay_factors(log_decay, t, c)
+    qc, kc, vc, doc = (to_chunks(x, c) for x in (q, k, v, do))
+    qc = qc * scale
+    qd = qc * qdec[None, :, None, :, None]
+    kd = kdec[None, :, :, :, None]
+    w = _ein("bhncd,bhncv->bhndv", qd, doc)  # dS contribution of O_inter
+    # Reverse recurrence dS_enter[n] = λ^{L_n}·dS_leave[n] + W_n, run as a forward scan on flipped
+    # chunks; its "entering" values are the gradients of the states leaving each chunk.
+    d_after, d_init = chunk_scan(jnp.flip(w, 2), chunk_lengths(t, c)[::-1], log_decay, d_final)
+    d_after = jnp.flip(d_after, 2)
+    scores = _ein("bhncd,bhned->bhnce", qc, kc) * intra[None, :, None]
+    dscores = _ein("bhncv,bhnev->bhnce", doc, vc) * intra[None, :, None]
+    dq = _ein("bhnce,bhned->bhncd", dscores, kc)
+    dq = dq + qdec[None, :, None, :, None] * _ein("bhncv,bhndv->bhncd", doc, chunk_states)
+    dk = _ein("bhnce,bhncd->bhned", dscores, qc) + kd * _ein("bhncv,bhndv->bhncd", vc, d_after)
+    dv = _ein("bhnce,bhncv->bhnev", scores, doc) + kd * _ein("bhncd,bhndv->bhncv", kc, d_after)
+    return (from_chunks(dq * scale, t, _F32), from_chunks(dk, t, _F32), from_chunks(dv, t, _F32), d_init)

@@ -1,4 +1,5 @@
 """Cross-lowering of the Pallas kernels with ``jax.export`` at SALA's shape (H=32, D=128, T=4096)."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -10,22 +11,22 @@ TARGETS = {"pallas_tpu": ("tpu", "tpu_custom_call"), "pallas_gpu": ("cuda", "mos
 
 
 def _export(impl, dtype, backward, b=B, t=T, h=H, d=D):
-  platform, marker = TARGETS[impl]
-  log_decay = -jnp.asarray(alibi_slopes(h))
+    platform, marker = TARGETS[impl]
+    log_decay = -jnp.asarray(alibi_slopes(h))
 
-  def fwd(q, k, v, s0):
-    return lightning_attention(q, k, v, log_decay, initial_state=s0, return_final_state=True,
-                               implementation=impl, interpret=False)
+    def fwd(q, k, v, s0):
+        return lightning_attention(
+            q, k, v, log_decay, initial_state=s0, return_final_state=True, implementation=impl, interpret=False
+        )
 
-  def fwd_bwd(q, k, v, s0):
-    out, vjp = jax.vjp(fwd, q, k, v, s0)
-    return vjp(out)
+    def fwd_bwd(q, k, v, s0):
+        out, vjp = jax.vjp(fwd, q, k, v, s0)
+        return vjp(out)
 
-  x = jax.ShapeDtypeStruct((b, t, h, d), dtype)
-  s = jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)
-  exported = jax.export.export(jax.jit(fwd_bwd if backward else fwd), platforms=[platform])(
-      x, x, x, s)
-  return exported, marker
+    x = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+    s = jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)
+    exported = jax.export.export(jax.jit(fwd_bwd if backward else fwd), platforms=[platform])(x, x, x, s)
+    return exported, marker
 
 
 # pallas_gpu takes bf16/fp16 only (fp32 is rejected with a ValueError, tested elsewhere)
@@ -36,18 +37,18 @@ CASES = [("pallas_tpu", jnp.float32), ("pallas_tpu", jnp.bfloat16), ("pallas_gpu
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl,dtype", CASES, ids=["tpu-f32", "tpu-bf16", "gpu-bf16"])
 def test_export_lowers(impl, dtype, backward):
-  exported, marker = _export(impl, dtype, backward)
-  text = exported.mlir_module()
-  n_kernels = {"pallas_tpu": 2, "pallas_gpu": 4}[impl] if backward else 1
-  assert text.count(f"stablehlo.custom_call @{marker}(") == n_kernels   # fwd (+ bwd) kernels
-  assert len(exported.serialize()) > 0
-  assert exported.out_avals[0].shape == (B, T, H, D)   # o, or dq for the backward
+    exported, marker = _export(impl, dtype, backward)
+    text = exported.mlir_module()
+    n_kernels = {"pallas_tpu": 2, "pallas_gpu": 4}[impl] if backward else 1
+    assert text.count(f"stablehlo.custom_call @{marker}(") == n_kernels  # fwd (+ bwd) kernels
+    assert len(exported.serialize()) > 0
+    assert exported.out_avals[0].shape == (B, T, H, D)  # o, or dq for the backward
 
 
 @pytest.mark.lowering
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_export_lowers_partial_chunk_and_batch(impl):
-  """T not a multiple of the chunk, B > 1, 64-wide heads: forward and backward still lower."""
-  exported, marker = _export(impl, jnp.bfloat16, True, b=2, t=1000, h=4, d=64)
-  assert exported.mlir_module().count(f"stablehlo.custom_call @{marker}(") >= 2
-  assert exported.out_avals[0].shape == (2, 1000, 4, 64)
+    """T not a multiple of the chunk, B > 1, 64-wide heads: forward and backward still lower."""
+    exported, marker = _export(impl, jnp.bfloat16, True, b=2, t=1000, h=4, d=64)
+    assert exported.mlir_module().count(f"stablehlo.custom_call @{marker}(") >= 2
+    assert exported.out_avals[0].shape == (2, 1000, 4, 64)
