@@ -13,10 +13,11 @@ from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.attention import Attention
-from minicpm_jax.model.cache import ModelCache, check_room
+from minicpm_jax.model.cache import ModelCache, check_prefill, check_room
 from minicpm_jax.model.lightning import LightningAttention
 from minicpm_jax.model.layers import MLP, Embed, Linear, RMSNorm, mup_init_std
 from minicpm_jax.sharding import constrain
+from pallas_kernels.infllm_v2 import DecodeCache
 
 
 MIXERS = {"minicpm4": Attention, "lightning-attn": LightningAttention}
@@ -132,6 +133,8 @@ class MiniCPMForCausalLM(nnx.Module):
         """
         b, t = input_ids.shape
         check_room(cache, t)
+        if t > 1 and any(isinstance(c, DecodeCache) for c in cache.layers):
+            check_prefill(cache.length)
         positions = jnp.broadcast_to(cache.length + jnp.arange(t), (b, t))
         h, layers = self._run(input_ids, positions, None, cache.layers)
         return self.logits(h), ModelCache(cache.length + t, layers)

@@ -61,6 +61,7 @@ def test_sala_forward_matches_numpy(sala, t):
     np.testing.assert_allclose(ours, forward(P, hf, ids), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # use_nope selection is also covered by test_sala_cache (decode == forward)
 def test_sparse_minicpm4_with_nope_selection_matches_numpy(tmp_path):
     """RoPE attention whose block selection uses the pre-RoPE q/k (use_nope), above dense_len."""
     cfg = load_config("tiny-minicpm4-sparse", ["model.sparse_config.use_nope=true"]).model
@@ -90,19 +91,19 @@ def test_all_minicpm4_hybrid_equals_dense_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sharded_hybrid_forward_equals_unsharded():
-    cfg = load_config("tiny-sala").model
+def test_sharded_hybrid_forward_equals_unsharded(sala):
+    cfg, unsharded = sala[:2]
     ids = jnp.asarray(RNG.integers(0, cfg.vocab_size, size=(4, 80)))  # above dense_len: sparse path
-    ref = np.asarray(create_model(cfg, seed=1, dtype=jnp.float32)(ids))
+    ref = np.asarray(jax.jit(lambda x: unsharded(x))(ids))
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    model = create_model(cfg, mesh=mesh, seed=1, dtype=jnp.float32)
+    model = create_model(cfg, mesh=mesh, seed=5, dtype=jnp.float32)
     assert len(model.model.layers[1].self_attn.q_proj.kernel[...].sharding.device_set) == 8
     with jax.set_mesh(mesh):
         out = np.asarray(jax.jit(lambda x: model(x))(ids))
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
-def test_packed_rows_sparse_layers_and_lightning_error():
+def test_packed_rows_sparse_layers_and_lightning_error(sala):
     """Sparse MiniCPM4 above dense_len keeps packed documents apart; lightning layers refuse packing."""
     cfg = load_config("tiny-minicpm4-sparse", ["model.sparse_config.dense_len=0"]).model
     model = create_model(cfg, seed=3, dtype=jnp.float32)
@@ -112,6 +113,5 @@ def test_packed_rows_sparse_layers_and_lightning_error():
     pos = jnp.asarray(list(range(70)) + list(range(50)))[None]
     out = np.asarray(model(packed, positions=pos, segment_ids=seg))[0]
     np.testing.assert_allclose(out[:70], np.asarray(model(jnp.asarray(a)[None]))[0], atol=1e-5)
-    sala = create_model(load_config("tiny-sala").model, dtype=jnp.float32)
     with pytest.raises(ValueError, match="segment_ids .* not supported by lightning-attn"):
-        sala(packed, positions=pos, segment_ids=seg)
+        sala[1](packed, positions=pos, segment_ids=seg)
