@@ -11,7 +11,7 @@ from sala_numpy_ref import forward, lightning_layer, softmax_layer
 
 from minicpm_jax.config import MeshConfig, load_config
 from minicpm_jax.interop import save_hf_checkpoint
-from minicpm_jax.model import create_model
+from minicpm_jax.model import abstract_model, create_model
 from minicpm_jax.sharding import make_mesh
 
 RNG = np.random.default_rng(0)
@@ -115,3 +115,25 @@ def test_packed_rows_sparse_layers_and_lightning_error(sala):
     np.testing.assert_allclose(out[:70], np.asarray(model(jnp.asarray(a)[None]))[0], atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids .* not supported by lightning-attn"):
         sala[1](packed, positions=pos, segment_ids=seg)
+
+
+@pytest.mark.slow  # ~45 s on 2 shared cores
+def test_gradients_of_default_kernels_match_reference_kernels(sala):
+    """Training path above dense_len: grads through InfLLM v2 (xla) and Lightning (xla) == reference kernels."""
+    from flax import nnx
+
+    cfg, model = sala[:2]
+    ids = jnp.asarray(RNG.integers(0, cfg.vocab_size, size=(1, 80)))
+
+    def grads(m):
+        def loss(m):
+            return jnp.mean(jax.nn.log_softmax(m(ids))[0, jnp.arange(79), ids[0, 1:]])
+        return jax.tree.leaves(nnx.grad(loss)(m))
+
+    graphdef, state = nnx.split(model)
+    ref_graph = nnx.split(abstract_model(cfg, dtype=jnp.float32, attention_impl="reference",
+                                         lightning_impl="reference"))[0]
+    ref_model = nnx.merge(ref_graph, state)
+    assert ref_model.model.layers[1].self_attn.implementation == "reference"
+    for a, b in zip(grads(model), grads(ref_model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
