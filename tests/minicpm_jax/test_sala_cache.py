@@ -71,3 +71,20 @@ def test_cache_bytes_sala_9b_vs_minicpm4_8b_are_shape_only():
     assert s == pytest.approx(n * kv + 24 * 32 * 128 * 128 * 4, rel=0.1)  # + small K1/K2/buffers
     per_token = (cache_bytes(sala, 1, 2 * n) - s) / n, (cache_bytes(dense, 1, 2 * n) - d) / n
     assert per_token[0] <= per_token[1] / 4 * (1 + 1e-6)  # 8 of 32 layers keep K/V
+
+
+def test_sala_9b_prefill_and_decode_trace_at_full_size():
+    """Shape-only: the 9B's sparse prefill (8192 >= dense_len) and decode step trace with real shapes."""
+    from flax import nnx
+
+    from minicpm_jax.model import abstract_model
+
+    model = abstract_model(load_config("minicpm-sala-9b").model)
+    graphdef, state = nnx.split(model)
+    cache = jax.eval_shape(lambda: model.init_cache(1, 16384))
+    ids = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
+    logits, after = jax.eval_shape(lambda s, x, c: nnx.merge(graphdef, s).prefill(x, c), state, ids, cache)
+    assert logits.shape == (1, 73448) and jax.tree.map(lambda a: a.shape, after) == jax.tree.map(lambda a: a.shape, cache)
+    tok = jax.ShapeDtypeStruct((1,), jnp.int32)
+    logits, _ = jax.eval_shape(lambda s, x, c: nnx.merge(graphdef, s).decode_step(x, c), state, tok, cache)
+    assert logits.shape == (1, 73448)
