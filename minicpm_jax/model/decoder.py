@@ -17,7 +17,9 @@ from minicpm_jax.model.cache import ModelCache, check_prefill, check_room
 from minicpm_jax.model.lightning import LightningAttention
 from minicpm_jax.model.layers import MLP, Embed, Linear, RMSNorm, mup_init_std
 from minicpm_jax.sharding import constrain
+from pallas_kernels.infllm_v2 import IMPLEMENTATIONS as INFLLM_IMPLS
 from pallas_kernels.infllm_v2 import DecodeCache
+from pallas_kernels.lightning import IMPLEMENTATIONS as LIGHTNING_IMPLS
 
 
 MIXERS = {"minicpm4": Attention, "lightning-attn": LightningAttention}
@@ -69,6 +71,12 @@ class MiniCPMForCausalLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                  attention_impl: str = "auto", lightning_impl: str = "auto"):
+        errors = [f"{name}={value!r}: expected one of {['auto', *allowed]}"
+                  for name, value, allowed in (("attention_impl", attention_impl, INFLLM_IMPLS),
+                                               ("lightning_impl", lightning_impl, LIGHTNING_IMPLS))
+                  if value != "auto" and value not in allowed]
+        if errors:
+            raise ValueError("; ".join(errors))
         self.config, self.dtype = cfg, dtype
         init_std = mup_init_std(cfg.initializer_range, cfg.hidden_size, cfg.dim_model_base)
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)

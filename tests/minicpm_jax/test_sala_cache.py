@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minicpm_jax.config import load_config
-from minicpm_jax.model import create_model
+from minicpm_jax.model import abstract_model, create_model
 from minicpm_jax.model.cache import KVCache, LightningCache, cache_bytes
 from pallas_kernels.infllm_v2 import DecodeCache
 
@@ -60,6 +60,8 @@ def test_cache_kinds_shapes_and_errors():
     with pytest.raises(ValueError, match="capacity 100 exceeded"):
         model.step(jnp.ones((3, 93), jnp.int32), cache)
     assert isinstance(_model("dense").init_cache(1, 16).layers[0], KVCache)
+    with pytest.raises(ValueError, match="attention_impl='cuda': expected one of"):
+        abstract_model(model.config, attention_impl="cuda")
 
 
 def test_cache_bytes_sala_9b_vs_minicpm4_8b_are_shape_only():
@@ -76,8 +78,6 @@ def test_cache_bytes_sala_9b_vs_minicpm4_8b_are_shape_only():
 def test_sala_9b_prefill_and_decode_trace_at_full_size():
     """Shape-only: the 9B's sparse prefill (8192 >= dense_len) and decode step trace with real shapes."""
     from flax import nnx
-
-    from minicpm_jax.model import abstract_model
 
     model = abstract_model(load_config("minicpm-sala-9b").model)
     graphdef, state = nnx.split(model)
