@@ -10,6 +10,7 @@ guarantees (its forced init/local blocks are exactly the shared ones). The backw
 probabilities from the saved log-sum-exp, gives dq per query and scatter-adds dK/dV into the
 listed blocks (the transpose of the gather). Runs on every backend.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,172 +23,174 @@ F32 = jnp.float32
 
 
 def _prep(q, k, v, block_idx, segment_ids, block_size, chunk):
-  """Pads and reshapes inputs into per-chunk, per-KV-head layouts."""
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  nb = -(-t // block_size)
-  nc = -(-t // chunk)
-  tq = nc * chunk
-  qc = jnp.pad(q, ((0, 0), (0, tq - t), (0, 0), (0, 0)))
-  qc = qc.reshape(b, nc, chunk, hkv, hq // hkv, d).transpose(1, 0, 3, 2, 4, 5)   # [nc,B,Hkv,C,G,D]
-  pad_k = ((0, 0), (0, nb * block_size - t), (0, 0), (0, 0))
-  kb = jnp.pad(k, pad_k).reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)  # [B,Hkv,nb,Bk,D]
-  vb = jnp.pad(v, pad_k).reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
-  idx = jnp.pad(block_idx, ((0, 0), (0, 0), (0, tq - t), (0, 0)), constant_values=-1)
-  idx = idx.reshape(b, hkv, nc, chunk, -1).transpose(2, 0, 1, 3, 4)            # [nc,B,Hkv,C,n]
-  seg = None
-  if segment_ids is not None:
-    sk = jnp.pad(segment_ids, ((0, 0), (0, nb * block_size - t)), constant_values=-1)
-    sq = jnp.pad(segment_ids, ((0, 0), (0, tq - t)), constant_values=-2)
-    seg = (sq.reshape(b, nc, chunk).swapaxes(0, 1), sk.reshape(b, nb, block_size))
-  return qc, kb, vb, idx, seg
+    """Pads and reshapes inputs into per-chunk, per-KV-head layouts."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    nb = -(-t // block_size)
+    nc = -(-t // chunk)
+    tq = nc * chunk
+    qc = jnp.pad(q, ((0, 0), (0, tq - t), (0, 0), (0, 0)))
+    qc = qc.reshape(b, nc, chunk, hkv, hq // hkv, d).transpose(1, 0, 3, 2, 4, 5)  # [nc,B,Hkv,C,G,D]
+    pad_k = ((0, 0), (0, nb * block_size - t), (0, 0), (0, 0))
+    kb = jnp.pad(k, pad_k).reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)  # [B,Hkv,nb,Bk,D]
+    vb = jnp.pad(v, pad_k).reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
+    idx = jnp.pad(block_idx, ((0, 0), (0, 0), (0, tq - t), (0, 0)), constant_values=-1)
+    idx = idx.reshape(b, hkv, nc, chunk, -1).transpose(2, 0, 1, 3, 4)  # [nc,B,Hkv,C,n]
+    seg = None
+    if segment_ids is not None:
+        sk = jnp.pad(segment_ids, ((0, 0), (0, nb * block_size - t)), constant_values=-1)
+        sq = jnp.pad(segment_ids, ((0, 0), (0, tq - t)), constant_values=-2)
+        seg = (sq.reshape(b, nc, chunk).swapaxes(0, 1), sk.reshape(b, nb, block_size))
+    return qc, kb, vb, idx, seg
 
 
 class _Parts:
-  """The key blocks of one chunk: shared (per chunk) and per-token, with their masks."""
+    """The key blocks of one chunk: shared (per chunk) and per-token, with their masks."""
 
-  def __init__(self, ci, idx, sq, seg, kb, vb, chunk, block_size, shared):
-    qpos = ci * chunk + jnp.arange(chunk)
-    gather = jax.vmap(jax.vmap(lambda x, i: x[jnp.maximum(i, 0)]))
-    self.rest = idx
-    self.ids = []
-    if shared is not None:
-      init, window = shared
-      qb = (ci * chunk) // block_size
-      win = qb - window + 1 + jnp.arange(window)
-      sh = jnp.concatenate([jnp.arange(init), jnp.where(win >= init, win, -1)])          # [S]
-      in_sh = (idx >= 0) & ((idx < init) | ((idx > qb - window) & (idx <= qb)))
-      big = jnp.iinfo(jnp.int32).max
-      rest = jnp.sort(jnp.where(in_sh | (idx < 0), big, idx), axis=-1)
-      rest = rest[..., :idx.shape[-1] - init - window]
-      self.rest = jnp.where(rest == big, -1, rest)
-      listed = ((idx[..., None] == sh) & (idx[..., None] >= 0)).any(-2)              # [B,Hkv,C,S]
-      sh_b = jnp.broadcast_to(sh, idx.shape[:2] + sh.shape)                          # [B,Hkv,S]
-      kpos = sh[:, None] * block_size + jnp.arange(block_size)                       # [S,Bk]
-      m = listed[..., None] & (sh[:, None] >= 0) & (kpos <= qpos[:, None, None])
-      if seg is not None:
-        sk = jax.vmap(lambda s, i: s[jnp.maximum(i, 0)])(seg, sh_b[:, 0])            # [B,S,Bk]
-        m = m & (sk[:, None, None] == sq[:, None, :, None, None])
-      self.shared = (sh_b, gather(kb, sh_b), gather(vb, sh_b), m)                      # per chunk
-    else:
-      self.shared = None
-    r = self.rest
-    kpos = r[..., None] * block_size + jnp.arange(block_size)
-    m = (r[..., None] >= 0) & (kpos <= qpos[None, None, :, None, None])
-    if seg is not None:
-      sk = jax.vmap(lambda s, i: s[jnp.maximum(i, 0)])(seg, r)                       # [B,Hkv,C,n,Bk]
-      m = m & (sk == sq[:, None, :, None, None])
-    self.token = (r, gather(kb, r), gather(vb, r), m)                                 # per token
+    def __init__(self, ci, idx, sq, seg, kb, vb, chunk, block_size, shared):
+        qpos = ci * chunk + jnp.arange(chunk)
+        gather = jax.vmap(jax.vmap(lambda x, i: x[jnp.maximum(i, 0)]))
+        self.rest = idx
+        self.ids = []
+        if shared is not None:
+            init, window = shared
+            qb = (ci * chunk) // block_size
+            win = qb - window + 1 + jnp.arange(window)
+            sh = jnp.concatenate([jnp.arange(init), jnp.where(win >= init, win, -1)])  # [S]
+            in_sh = (idx >= 0) & ((idx < init) | ((idx > qb - window) & (idx <= qb)))
+            big = jnp.iinfo(jnp.int32).max
+            rest = jnp.sort(jnp.where(in_sh | (idx < 0), big, idx), axis=-1)
+            rest = rest[..., : idx.shape[-1] - init - window]
+            self.rest = jnp.where(rest == big, -1, rest)
+            listed = ((idx[..., None] == sh) & (idx[..., None] >= 0)).any(-2)  # [B,Hkv,C,S]
+            sh_b = jnp.broadcast_to(sh, idx.shape[:2] + sh.shape)  # [B,Hkv,S]
+            kpos = sh[:, None] * block_size + jnp.arange(block_size)  # [S,Bk]
+            m = listed[..., None] & (sh[:, None] >= 0) & (kpos <= qpos[:, None, None])
+            if seg is not None:
+                sk = jax.vmap(lambda s, i: s[jnp.maximum(i, 0)])(seg, sh_b[:, 0])  # [B,S,Bk]
+                m = m & (sk[:, None, None] == sq[:, None, :, None, None])
+            self.shared = (sh_b, gather(kb, sh_b), gather(vb, sh_b), m)  # per chunk
+        else:
+            self.shared = None
+        r = self.rest
+        kpos = r[..., None] * block_size + jnp.arange(block_size)
+        m = (r[..., None] >= 0) & (kpos <= qpos[None, None, :, None, None])
+        if seg is not None:
+            sk = jax.vmap(lambda s, i: s[jnp.maximum(i, 0)])(seg, r)  # [B,Hkv,C,n,Bk]
+            m = m & (sk == sq[:, None, :, None, None])
+        self.token = (r, gather(kb, r), gather(vb, r), m)  # per token
 
-  def groups(self):
-    """(ids, k, v, mask, einsum key spec): shared keys are 'bgsk', per-token keys 'bgcsk'."""
-    out = [self.token + ("bgcsk",)]
-    if self.shared is not None:
-      out.append(self.shared + ("bgsk",))
-    return out
+    def groups(self):
+        """(ids, k, v, mask, einsum key spec): shared keys are 'bgsk', per-token keys 'bgcsk'."""
+        out = [self.token + ("bgcsk",)]
+        if self.shared is not None:
+            out.append(self.shared + ("bgsk",))
+        return out
 
 
 def _scores(qc, kg, m, spec, scale):
-  s = jnp.einsum(f"bgchd,{spec}d->bgchsk", qc, kg, preferred_element_type=F32) * scale
-  return jnp.where(m[:, :, :, None], s, -jnp.inf)
+    s = jnp.einsum(f"bgchd,{spec}d->bgchsk", qc, kg, preferred_element_type=F32) * scale
+    return jnp.where(m[:, :, :, None], s, -jnp.inf)
 
 
 def _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
-  b, t, hq, d = q.shape
-  scale = 1.0 / math.sqrt(d)
-  qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk)
+    b, t, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk)
 
-  def body(x):
-    ci, qq, ii = x[0], x[1], x[2]
-    parts = _Parts(ci, ii, None if seg is None else x[3], None if seg is None else seg[1],
-                   kb, vb, chunk, block_size, shared).groups()
-    ss = [_scores(qq, kg, m, spec, scale) for _, kg, _, m, spec in parts]
-    mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=(-2, -1)) for s in ss])[..., None, None]
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    ps = [jnp.exp(s - mx) for s in ss]
-    l = sum(jnp.sum(p, axis=(-2, -1)) for p in ps)
-    o = sum(jnp.einsum(f"bgchsk,{spec}d->bgchd", p, vg, preferred_element_type=F32)
-            for p, (_, _, vg, _, spec) in zip(ps, parts))
-    o = o / jnp.where(l > 0, l, 1.0)[..., None]
-    lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + mx[..., 0, 0], jnp.inf)
-    return o, lse                                                   # [B,Hkv,C,G,D], [B,Hkv,C,G]
+    def body(x):
+        ci, qq, ii = x[0], x[1], x[2]
+        parts = _Parts(
+            ci, ii, None if seg is None else x[3], None if seg is None else seg[1], kb, vb, chunk, block_size, shared
+        ).groups()
+        ss = [_scores(qq, kg, m, spec, scale) for _, kg, _, m, spec in parts]
+        mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=(-2, -1)) for s in ss])[..., None, None]
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        ps = [jnp.exp(s - mx) for s in ss]
+        l = sum(jnp.sum(p, axis=(-2, -1)) for p in ps)
+        o = sum(
+            jnp.einsum(f"bgchsk,{spec}d->bgchd", p, vg, preferred_element_type=F32)
+            for p, (_, _, vg, _, spec) in zip(ps, parts)
+        )
+        o = o / jnp.where(l > 0, l, 1.0)[..., None]
+        lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + mx[..., 0, 0], jnp.inf)
+        return o, lse  # [B,Hkv,C,G,D], [B,Hkv,C,G]
 
-  xs = (jnp.arange(qc.shape[0]), qc, idx) + (() if seg is None else (seg[0],))
-  o, lse = jax.lax.map(body, xs)
-  o = o.transpose(1, 0, 3, 2, 4, 5).reshape(b, -1, hq, d)[:, :t].astype(q.dtype)
-  return o, lse                                                     # lse: [nc,B,Hkv,C,G]
+    xs = (jnp.arange(qc.shape[0]), qc, idx) + (() if seg is None else (seg[0],))
+    o, lse = jax.lax.map(body, xs)
+    o = o.transpose(1, 0, 3, 2, 4, 5).reshape(b, -1, hq, d)[:, :t].astype(q.dtype)
+    return o, lse  # lse: [nc,B,Hkv,C,G]
 
 
 def _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared):
-  b, t, hq, d = q.shape
-  scale = 1.0 / math.sqrt(d)
-  qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk)
-  oc = _prep(o, k, v, block_idx, None, block_size, chunk)[0]
-  doc = _prep(do, k, v, block_idx, None, block_size, chunk)[0]
-  nb = kb.shape[2]
-  add = jax.vmap(jax.vmap(lambda acc, i, u: acc.at[i].add(u, mode="drop")))
+    b, t, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk)
+    oc = _prep(o, k, v, block_idx, None, block_size, chunk)[0]
+    doc = _prep(do, k, v, block_idx, None, block_size, chunk)[0]
+    nb = kb.shape[2]
+    add = jax.vmap(jax.vmap(lambda acc, i, u: acc.at[i].add(u, mode="drop")))
 
-  def body(carry, x):
-    dk, dv = carry
-    ci, qq, ii, oo, dd, ll = x[:6]
-    parts = _Parts(ci, ii, None if seg is None else x[6], None if seg is None else seg[1],
-                   kb, vb, chunk, block_size, shared).groups()
-    delta = jnp.sum(dd.astype(F32) * oo.astype(F32), axis=-1)[..., None, None]
-    dq = 0.0
-    for ids, kg, vg, m, spec in parts:
-      p = jnp.exp(_scores(qq, kg, m, spec, scale) - ll[..., None, None])           # [B,Hkv,C,G,s,Bk]
-      dp = jnp.einsum(f"bgchd,{spec}d->bgchsk", dd, vg, preferred_element_type=F32)
-      ds = p * (dp - delta) * scale
-      dq = dq + jnp.einsum(f"bgchsk,{spec}d->bgchd", ds, kg, preferred_element_type=F32)
-      tgt = jnp.where(ids >= 0, ids, nb)                              # invalid -> dropped
-      dkg = jnp.einsum(f"bgchsk,bgchd->{spec}d", ds, qq, preferred_element_type=F32)
-      dvg = jnp.einsum(f"bgchsk,bgchd->{spec}d", p, dd, preferred_element_type=F32)
-      if spec == "bgcsk":
-        tgt, dkg, dvg = (x.reshape(x.shape[:2] + (-1,) + x.shape[4:]) for x in (tgt, dkg, dvg))
-      dk, dv = add(dk, tgt, dkg), add(dv, tgt, dvg)
-    return (dk, dv), dq
+    def body(carry, x):
+        dk, dv = carry
+        ci, qq, ii, oo, dd, ll = x[:6]
+        parts = _Parts(
+            ci, ii, None if seg is None else x[6], None if seg is None else seg[1], kb, vb, chunk, block_size, shared
+        ).groups()
+        delta = jnp.sum(dd.astype(F32) * oo.astype(F32), axis=-1)[..., None, None]
+        dq = 0.0
+        for ids, kg, vg, m, spec in parts:
+            p = jnp.exp(_scores(qq, kg, m, spec, scale) - ll[..., None, None])  # [B,Hkv,C,G,s,Bk]
+            dp = jnp.einsum(f"bgchd,{spec}d->bgchsk", dd, vg, preferred_element_type=F32)
+            ds = p * (dp - delta) * scale
+            dq = dq + jnp.einsum(f"bgchsk,{spec}d->bgchd", ds, kg, preferred_element_type=F32)
+            tgt = jnp.where(ids >= 0, ids, nb)  # invalid -> dropped
+            dkg = jnp.einsum(f"bgchsk,bgchd->{spec}d", ds, qq, preferred_element_type=F32)
+            dvg = jnp.einsum(f"bgchsk,bgchd->{spec}d", p, dd, preferred_element_type=F32)
+            if spec == "bgcsk":
+                tgt, dkg, dvg = (x.reshape(x.shape[:2] + (-1,) + x.shape[4:]) for x in (tgt, dkg, dvg))
+            dk, dv = add(dk, tgt, dkg), add(dv, tgt, dvg)
+        return (dk, dv), dq
 
-  zeros = jnp.zeros(kb.shape, F32)
-  xs = (jnp.arange(qc.shape[0]), qc, idx, oc, doc, lse) + (() if seg is None else (seg[0],))
-  (dk, dv), dq = jax.lax.scan(body, (zeros, zeros), xs)
-  dq = dq.transpose(1, 0, 3, 2, 4, 5).reshape(b, -1, hq, d)[:, :t].astype(q.dtype)
-  unblock = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(b, -1, k.shape[2], d)[:, :t]
-  return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+    zeros = jnp.zeros(kb.shape, F32)
+    xs = (jnp.arange(qc.shape[0]), qc, idx, oc, doc, lse) + (() if seg is None else (seg[0],))
+    (dk, dv), dq = jax.lax.scan(body, (zeros, zeros), xs)
+    dq = dq.transpose(1, 0, 3, 2, 4, 5).reshape(b, -1, hq, d)[:, :t].astype(q.dtype)
+    unblock = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(b, -1, k.shape[2], d)[:, :t]
+    return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
-  return _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared)[0]
+    return _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared)[0]
 
 
 def _attention_fwd(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
-  o, lse = _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared)
-  return o, (q, k, v, block_idx, segment_ids, o, lse)
+    o, lse = _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared)
+    return o, (q, k, v, block_idx, segment_ids, o, lse)
 
 
 def _attention_bwd(block_size, chunk, shared, res, do):
-  q, k, v, block_idx, segment_ids, o, lse = res
-  dq, dk, dv = _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared)
-  return dq, dk, dv, None, None
+    q, k, v, block_idx, segment_ids, o, lse = res
+    dq, dk, dv = _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared)
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None, chunk=16,
-                           shared=None):
-  """Causal softmax attention of each query over its listed key blocks (-1 entries ignored).
+def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None, chunk=16, shared=None):
+    """Causal softmax attention of each query over its listed key blocks (-1 entries ignored).
 
-  q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n] (no repeated ids in a
-  row). ``shared=(init, window)``: see the module docstring (rows must list at most
-  ``n - init - window`` blocks outside the shared ones).
-  """
-  chunk = max(1, min(chunk, q.shape[1]))
-  if shared is not None:
-    if sum(shared) >= block_idx.shape[-1]:
-      shared = None                       # nothing left per token: plain per-token gather
-    else:
-      chunk = math.gcd(chunk, block_size)  # a chunk must lie inside one block
-  block_idx = jax.lax.stop_gradient(block_idx)
-  return _attention(q, k, v, block_idx, segment_ids, block_size, chunk,
-                    None if shared is None else tuple(shared))
+    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n] (no repeated ids in a
+    row). ``shared=(init, window)``: see the module docstring (rows must list at most
+    ``n - init - window`` blocks outside the shared ones).
+    """
+    chunk = max(1, min(chunk, q.shape[1]))
+    if shared is not None:
+        if sum(shared) >= block_idx.shape[-1]:
+            shared = None  # nothing left per token: plain per-token gather
+        else:
+            chunk = math.gcd(chunk, block_size)  # a chunk must lie inside one block
+    block_idx = jax.lax.stop_gradient(block_idx)
+    return _attention(q, k, v, block_idx, segment_ids, block_size, chunk, None if shared is None else tuple(shared))
