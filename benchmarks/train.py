@@ -30,9 +30,16 @@ from minicpm_jax.train.loss import next_token_loss
 from minicpm_jax.train.plan import plan_train_memory
 from minicpm_jax.train.state import create_trainer
 
-SMALL_50M = ["model.hidden_size=512", "model.num_hidden_layers=8", "model.num_attention_heads=8",
-             "model.num_key_value_heads=2", "model.intermediate_size=2048", "model.vocab_size=32000",
-             "model.dim_model_base=256", "model.rope_scaling=null"]
+SMALL_50M = [
+    "model.hidden_size=512",
+    "model.num_hidden_layers=8",
+    "model.num_attention_heads=8",
+    "model.num_key_value_heads=2",
+    "model.intermediate_size=2048",
+    "model.vocab_size=32000",
+    "model.dim_model_base=256",
+    "model.rope_scaling=null",
+]
 MODELS = {"tiny": ("tiny-minicpm4", []), "small-50M": ("tiny-minicpm4", SMALL_50M)}
 
 
@@ -48,8 +55,18 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def bench(name, preset, overrides, *, remat, micro, batch, seq_len, steps, dtype, peak):
-    cfg = load_config(preset, [*overrides, f"train.remat={remat}", f"train.micro_batches={micro}", f"dtype={dtype}",
-                               f"train.steps={steps + 1}", "optimizer.warmup_steps=0", "optimizer.decay_steps=0"])
+    cfg = load_config(
+        preset,
+        [
+            *overrides,
+            f"train.remat={remat}",
+            f"train.micro_batches={micro}",
+            f"dtype={dtype}",
+            f"train.steps={steps + 1}",
+            "optimizer.warmup_steps=0",
+            "optimizer.decay_steps=0",
+        ],
+    )
     mesh = make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
     trainer = create_trainer(cfg, mesh, functools.partial(next_token_loss, remat=remat, chunk_size=1024))
     rng = np.random.default_rng(0)
@@ -65,8 +82,15 @@ def bench(name, preset, overrides, *, remat, micro, batch, seq_len, steps, dtype
     jax.block_until_ready(m["loss"])
     tokens_s = steps * batch * seq_len / (time.perf_counter() - start)
     mfu = tokens_s * train_flops_per_token(cfg.model, seq_len) / peak
-    return {"model": name, "params": param_count(cfg.model), "remat": remat, "micro_batches": micro,
-            "tokens_per_s": tokens_s, "mfu": mfu, "compile_s": compile_s}
+    return {
+        "model": name,
+        "params": param_count(cfg.model),
+        "remat": remat,
+        "micro_batches": micro,
+        "tokens_per_s": tokens_s,
+        "mfu": mfu,
+        "compile_s": compile_s,
+    }
 
 
 def main():
@@ -84,18 +108,36 @@ def main():
     if peak is None:
         peak, peak_source = measured_matmul_flops(), "measured fp32 2048^3 matmul"
     models = {p: (p, []) for p in args.presets} if args.presets else MODELS
-    rows = [bench(name, preset, ov, remat=remat, micro=micro, batch=args.batch, seq_len=args.seq_len,
-                  steps=args.steps, dtype=args.dtype, peak=peak)
-            for name, (preset, ov) in models.items() for remat in ("none", "full") for micro in (1, 4)]
-    print(f"device {jax.devices()[0].device_kind}; peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); "
-          f"batch {args.batch} x {args.seq_len}, {args.dtype}")
-    print(f"| model | params | remat | micro-batches | tokens/s | vs none,1 | MFU | compile s |")
+    rows = [
+        bench(
+            name,
+            preset,
+            ov,
+            remat=remat,
+            micro=micro,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            steps=args.steps,
+            dtype=args.dtype,
+            peak=peak,
+        )
+        for name, (preset, ov) in models.items()
+        for remat in ("none", "full")
+        for micro in (1, 4)
+    ]
+    print(
+        f"device {jax.devices()[0].device_kind}; peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); "
+        f"batch {args.batch} x {args.seq_len}, {args.dtype}"
+    )
+    print("| model | params | remat | micro-batches | tokens/s | vs none,1 | MFU | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["remat"] == "none" and b["micro_batches"] == 1)
-        print(f"| {r['model']} | {human_count(r['params'])} | {r['remat']} | {r['micro_batches']} | "
-              f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | {r['mfu']:.1%} | "
-              f"{r['compile_s']:.1f} |")
+        print(
+            f"| {r['model']} | {human_count(r['params'])} | {r['remat']} | {r['micro_batches']} | "
+            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | {r['mfu']:.1%} | "
+            f"{r['compile_s']:.1f} |"
+        )
     result = {"device": jax.devices()[0].device_kind, "peak_flops": peak, "peak_source": peak_source, "rows": rows}
     if args.plan:
         cfg = load_config(args.plan, ["train.remat=full", "dtype=bfloat16"])
@@ -104,8 +146,10 @@ def main():
         print("| mesh | batch x seq | resident | temp | total | compile s |\n|---|---|---|---|---|---|")
         for p in plan:
             mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1)
-            print(f"| {mesh} | {p.batch_size} x {p.seq_len} | {human_bytes(p.argument_bytes)} | "
-                  f"{human_bytes(p.temp_bytes)} | {human_bytes(p.total_bytes)} | {p.compile_seconds:.0f} |")
+            print(
+                f"| {mesh} | {p.batch_size} x {p.seq_len} | {human_bytes(p.argument_bytes)} | "
+                f"{human_bytes(p.temp_bytes)} | {human_bytes(p.total_bytes)} | {p.compile_seconds:.0f} |"
+            )
         result["plan"] = [dict(p.__dict__, total_bytes=p.total_bytes) for p in plan]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))

@@ -39,8 +39,9 @@ def is_native_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / CONFIG_NAME).is_file() and (Path(directory) / "params").is_dir()
 
 
-def load_model(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, **impls) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+def load_model(
+    directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32, **impls
+) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """``(config, model)`` of a checkpoint written by ``save_model`` (``impls``: attention_impl / lightning_impl)."""
     directory = Path(directory).resolve()
     if not is_native_checkpoint(directory):
@@ -51,15 +52,17 @@ def load_model(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfl
         shardings = nnx.to_pure_dict(state_shardings(state, mesh))
     else:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), nnx.to_pure_dict(state))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nnx.to_pure_dict(state), shardings)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), shardings
+    )
     restored = ocp.StandardCheckpointer().restore(directory / "params", target)
     nnx.replace_by_pure_dict(state, restored)
     return cfg, nnx.merge(graphdef, state)
 
 
-def load_any(source: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-             seed: int = 0, **impls) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+def load_any(
+    source: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed: int = 0, **impls
+) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """A model from a native checkpoint, a Hugging Face directory, or a preset (fresh initialisation)."""
     path = Path(source)
     if is_native_checkpoint(path):

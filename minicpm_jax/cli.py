@@ -27,8 +27,12 @@ console = Console(soft_wrap=True)
 def _run_config(overrides):
     """Root config for commands whose model comes from a checkpoint (model keys are not accepted)."""
     if any(o.startswith("model.") for o in overrides):
-        raise ConfigError(["model.*: this command takes the model from its checkpoint; "
-                           "only mesh.*, dtype, param_dtype and seed can be overridden"])
+        raise ConfigError(
+            [
+                "model.*: this command takes the model from its checkpoint; "
+                "only mesh.*, dtype, param_dtype and seed can be overridden"
+            ]
+        )
     return build_config(apply_overrides({}, overrides))
 
 
@@ -39,19 +43,33 @@ def cmd_info(args) -> None:
     info = model_info(cfg, args.devices or jax.device_count())
     m = cfg.model
     kinds = {k: m.layer_mixers.count(k) for k in dict.fromkeys(m.layer_mixers)}
-    console.print(f"[bold]{args.model}[/]: {human_count(info.params)} parameters ({info.params:,}); "
-                  f"non-embedding {human_count(info.params - info.embedding_params)}")
-    console.print(f"layers {m.num_hidden_layers} {kinds}, hidden {m.hidden_size}, heads {m.num_attention_heads}"
-                  f"x{m.attn_head_dim} (kv {m.num_key_value_heads}), ffn {m.intermediate_size}, vocab "
-                  f"{m.vocab_size}, {'tied' if m.tie_word_embeddings else 'untied'} head"
-                  + (", InfLLM v2 sparse" if m.sparse_config else ""))
+    console.print(
+        f"[bold]{args.model}[/]: {human_count(info.params)} parameters ({info.params:,}); "
+        f"non-embedding {human_count(info.params - info.embedding_params)}"
+    )
+    console.print(
+        f"layers {m.num_hidden_layers} {kinds}, hidden {m.hidden_size}, heads {m.num_attention_heads}"
+        f"x{m.attn_head_dim} (kv {m.num_key_value_heads}), ffn {m.intermediate_size}, vocab "
+        f"{m.vocab_size}, {'tied' if m.tie_word_embeddings else 'untied'} head"
+        + (", InfLLM v2 sparse" if m.sparse_config else "")
+    )
     table = Table(title=f"per device on mesh {info.mesh} ({args.devices or jax.device_count()} devices)")
-    for col in ("parameters", f"params ({cfg.param_dtype})", f"gradients ({cfg.param_dtype})",
-                "AdamW m+v (fp32)", "total"):
+    for col in (
+        "parameters",
+        f"params ({cfg.param_dtype})",
+        f"gradients ({cfg.param_dtype})",
+        "AdamW m+v (fp32)",
+        "total",
+    ):
         table.add_column(col, justify="right")
     total = info.param_bytes + info.grad_bytes + info.optimizer_bytes
-    table.add_row(human_count(info.params_per_device), human_bytes(info.param_bytes),
-                  human_bytes(info.grad_bytes), human_bytes(info.optimizer_bytes), human_bytes(total))
+    table.add_row(
+        human_count(info.params_per_device),
+        human_bytes(info.param_bytes),
+        human_bytes(info.grad_bytes),
+        human_bytes(info.optimizer_bytes),
+        human_bytes(total),
+    )
     console.print(table)
     if args.train_plan:
         _print_train_plan(cfg, args)
@@ -62,18 +80,28 @@ def _print_train_plan(cfg, args) -> None:
     from minicpm_jax.info import human_bytes
     from minicpm_jax.train.plan import plan_train_memory
 
-    meshes = [MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
-              for spec in args.plan_meshes.split(";")]
-    table = Table(title=f"train step memory per device (XLA memory_analysis; resident = params + optimizer + "
-                        f"batch, temp = activations + scratch; remat={cfg.train.remat}, micro_batches="
-                        f"{cfg.train.micro_batches}, compute {cfg.dtype})")
+    meshes = [
+        MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+        for spec in args.plan_meshes.split(";")
+    ]
+    table = Table(
+        title=f"train step memory per device (XLA memory_analysis; resident = params + optimizer + "
+        f"batch, temp = activations + scratch; remat={cfg.train.remat}, micro_batches="
+        f"{cfg.train.micro_batches}, compute {cfg.dtype})"
+    )
     for col in ("mesh", "batch x seq", "resident", "temp", "total", "compile s"):
         table.add_column(col, justify="right", no_wrap=True)
     batch_sizes = [int(b) for b in args.plan_batch_sizes.split(",")]
     for row in plan_train_memory(cfg, meshes, batch_sizes, args.plan_seq_len):
         mesh = ",".join(f"{k}={v}" for k, v in row.mesh.items() if v > 1) or "1 device"
-        table.add_row(mesh, f"{row.batch_size} x {row.seq_len}", human_bytes(row.argument_bytes),
-                      human_bytes(row.temp_bytes), human_bytes(row.total_bytes), f"{row.compile_seconds:.0f}")
+        table.add_row(
+            mesh,
+            f"{row.batch_size} x {row.seq_len}",
+            human_bytes(row.argument_bytes),
+            human_bytes(row.temp_bytes),
+            human_bytes(row.total_bytes),
+            f"{row.compile_seconds:.0f}",
+        )
     console.print(table)
 
 
@@ -86,8 +114,10 @@ def cmd_import_hf(args) -> None:
     start = time.perf_counter()
     model_cfg, model = load_hf_checkpoint(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
     out = save_model(model, model_cfg, args.output)
-    console.print(f"imported {args.hf_dir} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) "
-                  f"-> {out} in {time.perf_counter() - start:.1f}s")
+    console.print(
+        f"imported {args.hf_dir} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) "
+        f"-> {out} in {time.perf_counter() - start:.1f}s"
+    )
 
 
 def cmd_export_hf(args) -> None:
@@ -98,11 +128,20 @@ def cmd_export_hf(args) -> None:
     cfg = _run_config(args.overrides)
     start = time.perf_counter()
     model_cfg, model = load_any(args.source, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype, seed=cfg.seed)
-    out = save_hf_checkpoint(model, model_cfg, args.output, format=args.format, dtype=args.dtype,
-                             tokenizer_dir=args.tokenizer, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    out = save_hf_checkpoint(
+        model,
+        model_cfg,
+        args.output,
+        format=args.format,
+        dtype=args.dtype,
+        tokenizer_dir=args.tokenizer,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+    )
     files = sorted(p.name for p in out.iterdir())
-    console.print(f"exported {args.source} as format={args.format} ({args.dtype}) -> {out} "
-                  f"in {time.perf_counter() - start:.1f}s: {', '.join(files)}")
+    console.print(
+        f"exported {args.source} as format={args.format} ({args.dtype}) -> {out} "
+        f"in {time.perf_counter() - start:.1f}s: {', '.join(files)}"
+    )
 
 
 def cmd_train(args) -> None:
@@ -115,9 +154,11 @@ def cmd_train(args) -> None:
     console.rule("resolved config")
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
     mesh = mesh_shape(cfg.mesh, jax.device_count())
-    console.print(f"mesh {mesh} over {jax.device_count()} {jax.devices()[0].platform} device(s); model "
-                  f"{human_count(param_count(cfg.model))} parameters; {cfg.train.steps} steps of "
-                  f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens")
+    console.print(
+        f"mesh {mesh} over {jax.device_count()} {jax.devices()[0].platform} device(s); model "
+        f"{human_count(param_count(cfg.model))} parameters; {cfg.train.steps} steps of "
+        f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens"
+    )
     summary = run_training(cfg, console=console)
     console.print(f"done: {summary}")
 
@@ -143,11 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
     p.add_argument("model", help="preset name (see configs/models) or a YAML file")
     p.add_argument("--devices", type=int, default=None, help="device count for the mesh (default: this host's)")
-    p.add_argument("--train-plan", action="store_true",
-                   help="compile the train step from abstract shapes and print per-device memory (needs the "
-                        "devices: on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    p.add_argument("--plan-meshes", default="fsdp=8;fsdp=4,tensor=2;data=2,fsdp=4",
-                   help="meshes for --train-plan, ';'-separated")
+    p.add_argument(
+        "--train-plan",
+        action="store_true",
+        help="compile the train step from abstract shapes and print per-device memory (needs the "
+        "devices: on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8)",
+    )
+    p.add_argument(
+        "--plan-meshes", default="fsdp=8;fsdp=4,tensor=2;data=2,fsdp=4", help="meshes for --train-plan, ';'-separated"
+    )
     p.add_argument("--plan-batch-sizes", default="8,16", help="global batch sizes for --train-plan")
     p.add_argument("--plan-seq-len", type=int, default=4096)
     p.set_defaults(func=cmd_info)

@@ -34,40 +34,61 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> dict[str, 
     cfg = load_recipe(DEMO_RECIPE, [f"train.output_dir={run_dir}", *overrides])
     m = cfg.model
     step = _Steps(console, total=5)
-    step(f"recipe {DEMO_RECIPE.name}: tiny MiniCPM4 ({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
-         f"{human_count(param_count(m))} parameters, muP scalars emb x{m.scale_emb:g}, residual "
-         f"x{m.residual_scale:.4f}, logits / {m.logit_divisor:g}) on the synthetic corpus "
-         f"{list(cfg.data.synthetic_tasks)}, {cfg.train.steps} steps of {cfg.train.global_batch_size} x "
-         f"{cfg.data.seq_len} tokens, {cfg.optimizer.schedule} schedule")
+    step(
+        f"recipe {DEMO_RECIPE.name}: tiny MiniCPM4 ({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
+        f"{human_count(param_count(m))} parameters, muP scalars emb x{m.scale_emb:g}, residual "
+        f"x{m.residual_scale:.4f}, logits / {m.logit_divisor:g}) on the synthetic corpus "
+        f"{list(cfg.data.synthetic_tasks)}, {cfg.train.steps} steps of {cfg.train.global_batch_size} x "
+        f"{cfg.data.seq_len} tokens, {cfg.optimizer.schedule} schedule"
+    )
     summary = run_training(cfg, console=console)
-    step(f"pretrained: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, held-out loss "
-         f"{summary['eval_loss']:.3f}; final checkpoint {run_dir / 'final'}")
+    step(
+        f"pretrained: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, held-out loss "
+        f"{summary['eval_loss']:.3f}; final checkpoint {run_dir / 'final'}"
+    )
 
     _, model = load_model(run_dir / "final", dtype=jnp.float32)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    batch = make_eval_batches(cfg.data, tokenizer=tokenizer, batch_size=4, vocab_size=m.vocab_size,
-                              max_position_embeddings=m.max_position_embeddings)[0]
+    batch = make_eval_batches(
+        cfg.data,
+        tokenizer=tokenizer,
+        batch_size=4,
+        vocab_size=m.vocab_size,
+        max_position_embeddings=m.max_position_embeddings,
+    )[0]
     ids = batch["input_ids"]
     logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"])))
     mask = batch["loss_mask"] > 0
     accuracy = float(np.mean(np.argmax(logits, -1)[mask] == batch["targets"][mask]))
-    step(f"reloaded it: next-token accuracy on held-out documents {accuracy:.1%}; sample: "
-         f"{tokenizer.decode(ids[0][: int(np.argmax(batch['segment_ids'][0] > 1) or 60)].tolist())!r}")
+    step(
+        f"reloaded it: next-token accuracy on held-out documents {accuracy:.1%}; sample: "
+        f"{tokenizer.decode(ids[0][: int(np.argmax(batch['segment_ids'][0] > 1) or 60)].tolist())!r}"
+    )
 
     official, llama = output / "hf-minicpm", output / "hf-llama"
     save_hf_checkpoint(model, m, official, format="minicpm", dtype="bfloat16")
     save_hf_checkpoint(model, m, llama, format="llama", dtype="float32")
-    step(f"exported the official MiniCPM layout (bf16) -> {official} and a plain Llama layout (fp32, muP "
-         f"scalars folded in) -> {llama}: {_ls(llama)}")
+    step(
+        f"exported the official MiniCPM layout (bf16) -> {official} and a plain Llama layout (fp32, muP "
+        f"scalars folded in) -> {llama}: {_ls(llama)}"
+    )
 
     plain = np.asarray(model(jnp.asarray(ids)))
     _, reloaded = load_hf_checkpoint(official, dtype=jnp.float32)
     jax_diff = float(np.abs(np.asarray(reloaded(jnp.asarray(ids))) - plain).max())
     torch_diff = _torch_diff(llama, ids, plain)
-    step(f"reloaded {official.name} in JAX: max |logit diff| {jax_diff:.2e} (bf16 weights); reloaded "
-         f"{llama.name} in PyTorch transformers.LlamaForCausalLM: max |logit diff| {torch_diff:.2e}")
-    return {"first_loss": summary["first_loss"], "last_loss": summary["last_loss"], "eval_loss": summary["eval_loss"],
-            "accuracy": accuracy, "jax_bf16_reload": jax_diff, "torch_llama": torch_diff}
+    step(
+        f"reloaded {official.name} in JAX: max |logit diff| {jax_diff:.2e} (bf16 weights); reloaded "
+        f"{llama.name} in PyTorch transformers.LlamaForCausalLM: max |logit diff| {torch_diff:.2e}"
+    )
+    return {
+        "first_loss": summary["first_loss"],
+        "last_loss": summary["last_loss"],
+        "eval_loss": summary["eval_loss"],
+        "accuracy": accuracy,
+        "jax_bf16_reload": jax_diff,
+        "torch_llama": torch_diff,
+    }
 
 
 def _torch_diff(directory: Path, ids: np.ndarray, logits: np.ndarray) -> float:
@@ -92,5 +113,7 @@ class _Steps:
 
     def __call__(self, message: str) -> None:
         self.n += 1
-        self.console.print(f"[bold cyan][{self.n}/{self.total}][/] {message} "
-                           f"[dim]({time.perf_counter() - self.start:.1f}s)[/]", highlight=False)
+        self.console.print(
+            f"[bold cyan][{self.n}/{self.total}][/] {message} [dim]({time.perf_counter() - self.start:.1f}s)[/]",
+            highlight=False,
+        )

@@ -33,13 +33,16 @@ def model_info(cfg: Config, num_devices: int) -> ModelInfo:
     if errors:
         raise ValueError(f"mesh {sizes} does not fit the model:\n  " + "\n  ".join(errors))
     total = sum(math.prod(shape) for shape, _ in axes.values())
-    embedding = sum(math.prod(shape) for name, (shape, _) in axes.items()
-                    if name.startswith(("model.embed_tokens", "lm_head")))
-    per_device = sum(math.prod(d // shard_count(sizes, a) for d, a in zip(shape, names))
-                     for shape, names in axes.values())
+    embedding = sum(
+        math.prod(shape) for name, (shape, _) in axes.items() if name.startswith(("model.embed_tokens", "lm_head"))
+    )
+    per_device = sum(
+        math.prod(d // shard_count(sizes, a) for d, a in zip(shape, names)) for shape, names in axes.values()
+    )
     width = np.dtype(cfg.param_dtype).itemsize
-    return ModelInfo(total, embedding, sizes, per_device, per_device * width, per_device * width,
-                     per_device * 4 * ADAM_MOMENTS)
+    return ModelInfo(
+        total, embedding, sizes, per_device, per_device * width, per_device * width, per_device * 4 * ADAM_MOMENTS
+    )
 
 
 def human_count(n: int) -> str:

@@ -50,12 +50,13 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if fill:
         if num_devices % fixed:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                             f"{ {a: s for a, s in sizes.items() if s != -1} } (product {fixed})")
+            raise ValueError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                f"{ {a: s for a, s in sizes.items() if s != -1} } (product {fixed})"
+            )
         sizes[fill[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh: axes {sizes} use {math.prod(sizes.values())} devices, "
-                         f"but {num_devices} are available")
+        raise ValueError(f"mesh: axes {sizes} use {math.prod(sizes.values())} devices, but {num_devices} are available")
     return sizes
 
 
@@ -71,15 +72,18 @@ def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(LOGICAL_RULES[a] if a is not None else None for a in axes))
 
 
-def divisibility_errors(mesh_sizes: Mapping[str, int], name: str, shape: Sequence[int],
-                        axes: Sequence[str | None]) -> list[str]:
+def divisibility_errors(
+    mesh_sizes: Mapping[str, int], name: str, shape: Sequence[int], axes: Sequence[str | None]
+) -> list[str]:
     """One message per dimension of ``name`` that its mesh axes do not divide."""
     errors = []
     for dim, (size, logical) in enumerate(zip(shape, axes)):
         n = shard_count(mesh_sizes, logical)
         if size % n:
-            errors.append(f"{name}: dimension {dim} ({logical}={size}) is not divisible by mesh axis "
-                          f"{'x'.join(_as_tuple(LOGICAL_RULES[logical]))} of size {n}")
+            errors.append(
+                f"{name}: dimension {dim} ({logical}={size}) is not divisible by mesh axis "
+                f"{'x'.join(_as_tuple(LOGICAL_RULES[logical]))} of size {n}"
+            )
     return errors
 
 

@@ -12,11 +12,37 @@ from minicpm_jax.config.loading import (
     preset_names,
     read_model_preset,
 )
-from minicpm_jax.config.schema import (MIXER_TYPES, Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig,
-                                       RopeScaling, SparseConfig, TrainConfig)
+from minicpm_jax.config.schema import (
+    MIXER_TYPES,
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RopeScaling,
+    SparseConfig,
+    TrainConfig,
+)
 
 __all__ = [
-    "CONFIG_DIR", "MIXER_TYPES", "Config", "ConfigError", "DataConfig", "MeshConfig", "OptimizerConfig", "TrainConfig", "ModelConfig", "RopeScaling", "SparseConfig",
-    "apply_overrides", "build_config", "build_model_config", "load_config", "load_recipe", "model_config_from_hf",
-    "model_config_to_hf", "preset_names", "read_model_preset",
+    "CONFIG_DIR",
+    "MIXER_TYPES",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MeshConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "SparseConfig",
+    "apply_overrides",
+    "build_config",
+    "build_model_config",
+    "load_config",
+    "load_recipe",
+    "model_config_from_hf",
+    "model_config_to_hf",
+    "preset_names",
+    "read_model_preset",
 ]

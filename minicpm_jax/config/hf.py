@@ -10,16 +10,39 @@ from minicpm_jax.config.schema import ModelConfig
 
 # Keys of config.json that describe the file, not the architecture.
 HF_METADATA_KEYS = frozenset(
-    {"_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version",
-     "_attn_implementation"})
+    {
+        "_name_or_path",
+        "architectures",
+        "auto_map",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "_attn_implementation",
+    }
+)
 SUPPORTED_MODEL_TYPES = ("minicpm", "minicpm_sala")
 SALA_ONLY_FIELDS = (
-    "mixer_types", "lightning_nh", "lightning_nkv", "lightning_head_dim", "lightning_scale",
-    "lightning_use_rope", "attn_use_rope", "attn_use_output_gate", "qk_norm", "use_output_gate",
-    "use_output_norm", "shift_labels")
+    "mixer_types",
+    "lightning_nh",
+    "lightning_nkv",
+    "lightning_head_dim",
+    "lightning_scale",
+    "lightning_use_rope",
+    "attn_use_rope",
+    "attn_use_output_gate",
+    "qk_norm",
+    "use_output_gate",
+    "use_output_norm",
+    "shift_labels",
+)
 
-_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM",
-                 "AutoModelForSequenceClassification")
+_AUTO_CLASSES = (
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification",
+)
 _REMOTE_CODE = {
     # model_type: (Hub repo holding the official modeling code, architecture, module, class prefix).
     # MiniCPM4-8B's modeling file serves every dense/sparse MiniCPM4 (0.5B's refuses sparse_config).
@@ -32,9 +55,13 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig of an official ``config.json`` dict (MiniCPM4 has no ``model_type`` key)."""
     model_type = hf.get("model_type")
     if model_type not in (None, *SUPPORTED_MODEL_TYPES):
-        raise ConfigError([f"model_type: {model_type!r} is not supported; supported: "
-                           f"{list(SUPPORTED_MODEL_TYPES)} (or no model_type, as in MiniCPM4-0.5B)"],
-                          "config.json")
+        raise ConfigError(
+            [
+                f"model_type: {model_type!r} is not supported; supported: "
+                f"{list(SUPPORTED_MODEL_TYPES)} (or no model_type, as in MiniCPM4-0.5B)"
+            ],
+            "config.json",
+        )
     raw = {k: v for k, v in hf.items() if k not in HF_METADATA_KEYS}
     raw["model_type"] = model_type or "minicpm"
     return build_model_config(raw, "config.json")
@@ -47,8 +74,10 @@ def remote_code_fields(model_type: str) -> dict[str, Any]:
     the official modeling code for a local export (online); the directory holds no code.
     """
     repo, arch, module, cls = _REMOTE_CODE[model_type]
-    auto = {name: f"modeling_{module}.{cls}{name.removeprefix('Auto').removeprefix('Model') or 'Model'}"
-            for name in _AUTO_CLASSES}
+    auto = {
+        name: f"modeling_{module}.{cls}{name.removeprefix('Auto').removeprefix('Model') or 'Model'}"
+        for name in _AUTO_CLASSES
+    }
     auto["AutoConfig"] = f"configuration_{module}.{cls}Config"
     auto["AutoModelForCausalLM"] = auto["AutoModelForSeq2SeqLM"] = f"modeling_{module}.{arch}"
     return {"architectures": [arch], "auto_map": {k: f"{repo}--{v}" for k, v in auto.items()}}

@@ -130,8 +130,11 @@ def _section(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = schema.model_fields.get(str(part))
         if field is None:
             return None
-        candidates = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
-                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        candidates = [
+            a
+            for a in getattr(field.annotation, "__args__", (field.annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not candidates:
             return None
         schema = candidates[0]

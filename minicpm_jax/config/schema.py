@@ -127,15 +127,18 @@ class ModelConfig(_Strict):
         errors = []
         nh, nkv = self.num_attention_heads, self.num_key_value_heads
         if self.head_dim is None and nh > 0 and self.hidden_size % nh:
-            errors.append(f"model.num_attention_heads: {nh} does not divide model.hidden_size "
-                          f"{self.hidden_size} (set head_dim, or use a divisor of hidden_size)")
+            errors.append(
+                f"model.num_attention_heads: {nh} does not divide model.hidden_size "
+                f"{self.hidden_size} (set head_dim, or use a divisor of hidden_size)"
+            )
         if nkv <= 0 or nh % nkv:
-            errors.append(f"model.num_key_value_heads: {nkv} must be a positive divisor of "
-                          f"num_attention_heads {nh}")
+            errors.append(f"model.num_key_value_heads: {nkv} must be a positive divisor of num_attention_heads {nh}")
         if self.mixer_types is not None:
             if len(self.mixer_types) != self.num_hidden_layers:
-                errors.append(f"model.mixer_types: has {len(self.mixer_types)} entries, "
-                              f"num_hidden_layers is {self.num_hidden_layers}; give one per layer")
+                errors.append(
+                    f"model.mixer_types: has {len(self.mixer_types)} entries, "
+                    f"num_hidden_layers is {self.num_hidden_layers}; give one per layer"
+                )
             bad = sorted({m for m in self.mixer_types if m not in MIXER_TYPES})
             if bad:
                 errors.append(f"model.mixer_types: unknown mixer type(s) {bad}; allowed: {list(MIXER_TYPES)}")
@@ -144,8 +147,9 @@ class ModelConfig(_Strict):
                     if getattr(self, name) is None:
                         errors.append(f"model.{name}: required when mixer_types has 'lightning-attn'")
                 if self.lightning_nh and self.lightning_nkv and self.lightning_nh % self.lightning_nkv:
-                    errors.append(f"model.lightning_nkv: {self.lightning_nkv} must divide "
-                                  f"lightning_nh {self.lightning_nh}")
+                    errors.append(
+                        f"model.lightning_nkv: {self.lightning_nkv} must divide lightning_nh {self.lightning_nh}"
+                    )
         if self.rope_scaling is not None and nh > 0:
             half = self.attn_head_dim // 2
             for name in ("long_factor", "short_factor"):

@@ -11,5 +11,13 @@ from minicpm_jax.data.pipeline import make_eval_batches, make_train_iterator, tr
 from minicpm_jax.data.synthetic import SyntheticSource
 from minicpm_jax.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
-__all__ = ["Batch", "ByteTokenizer", "HFTokenizer", "SyntheticSource", "build_tokenizer",
-           "make_eval_batches", "make_train_iterator", "train_dataset"]
+__all__ = [
+    "Batch",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "SyntheticSource",
+    "build_tokenizer",
+    "make_eval_batches",
+    "make_train_iterator",
+    "train_dataset",
+]

@@ -36,16 +36,22 @@ class SplitLong(grain.experimental.FlatMapTransform):
 
     def flat_map(self, element):
         tokens = element[KEY]
-        return [{KEY: tokens[i:i + self.seq_len]} for i in range(0, len(tokens), self.seq_len)]
+        return [{KEY: tokens[i : i + self.seq_len]} for i in range(0, len(tokens), self.seq_len)]
 
 
-def pack(ds: grain.IterDataset, *, seq_len: int, pad_id: int, num_bins: int, seed: int,
-         shuffle_rows: bool) -> grain.IterDataset:
+def pack(
+    ds: grain.IterDataset, *, seq_len: int, pad_id: int, num_bins: int, seed: int, shuffle_rows: bool
+) -> grain.IterDataset:
     """Chunk long documents, then first-fit pack them into rows of ``seq_len`` tokens."""
     chunks = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len))
     return grain.experimental.FirstFitPackIterDataset(
-        chunks, length_struct={KEY: seq_len}, num_packing_bins=num_bins, seed=seed,
-        shuffle_bins=shuffle_rows, padding_struct={KEY: pad_id})
+        chunks,
+        length_struct={KEY: seq_len},
+        num_packing_bins=num_bins,
+        seed=seed,
+        shuffle_bins=shuffle_rows,
+        padding_struct={KEY: pad_id},
+    )
 
 
 def to_batch(rows, pad_id: int) -> Batch:
@@ -62,8 +68,9 @@ def batch_from_segments(tokens, segments, positions, pad_id: int) -> Batch:
     same[:, :-1] = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)
     targets = np.full(tokens.shape, pad_id, dtype=np.int32)
     targets[:, :-1] = np.where(same[:, :-1], tokens[:, 1:], pad_id)
-    return Batch(input_ids=tokens, targets=targets, loss_mask=same.astype(np.float32),
-                 segment_ids=segments, positions=positions)
+    return Batch(
+        input_ids=tokens, targets=targets, loss_mask=same.astype(np.float32), segment_ids=segments, positions=positions
+    )
 
 
 def empty_rows(n: int, seq_len: int, pad_id: int) -> Batch:

@@ -53,12 +53,15 @@ def heldout_indices(num_documents: int, eval_documents: int, seed: int) -> np.nd
     if eval_documents < 0:
         raise ValueError(f"data.eval_documents: {eval_documents}; must be >= 0")
     if eval_documents >= num_documents:
-        raise ValueError(f"data: empty training set: data.eval_documents {eval_documents} holds out "
-                         f"every one of the {num_documents} documents")
+        raise ValueError(
+            f"data: empty training set: data.eval_documents {eval_documents} holds out "
+            f"every one of the {num_documents} documents"
+        )
     shuffle = grain.experimental.index_shuffle
     seed = (seed + _SPLIT_SALT) % 2**32
-    return np.sort([shuffle(i, max_index=num_documents - 1, seed=seed, rounds=4)
-                    for i in range(eval_documents)]).astype(np.int64)
+    return np.sort(
+        [shuffle(i, max_index=num_documents - 1, seed=seed, rounds=4) for i in range(eval_documents)]
+    ).astype(np.int64)
 
 
 def split(source, eval_documents: int, seed: int) -> tuple[_Subset, _Subset]:
@@ -79,8 +82,10 @@ def _open(cfg, tokenizer: Tokenizer, vocab_size: int, max_position_embeddings: i
     if cfg.seq_len <= 0:
         raise ValueError(f"data.seq_len: {cfg.seq_len}; must be positive")
     if cfg.seq_len > max_position_embeddings:
-        raise ValueError(f"data.seq_len: {cfg.seq_len} is larger than model.max_position_embeddings "
-                         f"{max_position_embeddings}; lower data.seq_len or use a longer-context model")
+        raise ValueError(
+            f"data.seq_len: {cfg.seq_len} is larger than model.max_position_embeddings "
+            f"{max_position_embeddings}; lower data.seq_len or use a longer-context model"
+        )
     if not 0 <= cfg.seed < 2**32:
         raise ValueError(f"data.seed: {cfg.seed}; must be in [0, 2**32)")
     check_vocab(tokenizer, vocab_size)
@@ -88,40 +93,75 @@ def _open(cfg, tokenizer: Tokenizer, vocab_size: int, max_position_embeddings: i
     return split(source, cfg.eval_documents, cfg.seed)
 
 
-def train_dataset(cfg, *, tokenizer: Tokenizer, global_batch_size: int, vocab_size: int,
-                  max_position_embeddings: int, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None, drop_remainder: bool = True) -> grain.IterDataset:
+def train_dataset(
+    cfg,
+    *,
+    tokenizer: Tokenizer,
+    global_batch_size: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
     """The training ``IterDataset`` of this host's batches (``num_epochs=None``: repeat forever)."""
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ValueError(f"data: process_index {process_index} / process_count {process_count} invalid")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"train.global_batch_size: {global_batch_size} must be a positive multiple of "
-                         f"the number of processes ({process_count}); each host loads an equal share")
+        raise ValueError(
+            f"train.global_batch_size: {global_batch_size} must be a positive multiple of "
+            f"the number of processes ({process_count}); each host loads an equal share"
+        )
     train, _ = _open(cfg, tokenizer, vocab_size, max_position_embeddings)
     if len(train) < process_count:
-        raise ValueError(f"data: {len(train)} training documents cannot be shared by {process_count} "
-                         "processes; every process needs at least one")
+        raise ValueError(
+            f"data: {len(train)} training documents cannot be shared by {process_count} "
+            "processes; every process needs at least one"
+        )
     rows = global_batch_size // process_count
     ds = grain.MapDataset.source(train)[process_index::process_count]
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(num_epochs).map(functools.partial(_tokenize, tokenizer=tokenizer))
-    ds = pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len=cfg.seq_len, pad_id=tokenizer.pad_id,
-              num_bins=max(rows, MIN_PACKING_BINS), seed=cfg.seed, shuffle_rows=cfg.shuffle)
-    return ds.batch(rows, drop_remainder=drop_remainder,
-                    batch_fn=functools.partial(to_batch, pad_id=tokenizer.pad_id))
+    ds = pack(
+        ds.to_iter_dataset(_READ_OPTIONS),
+        seq_len=cfg.seq_len,
+        pad_id=tokenizer.pad_id,
+        num_bins=max(rows, MIN_PACKING_BINS),
+        seed=cfg.seed,
+        shuffle_rows=cfg.shuffle,
+    )
+    return ds.batch(rows, drop_remainder=drop_remainder, batch_fn=functools.partial(to_batch, pad_id=tokenizer.pad_id))
 
 
-def make_train_iterator(cfg, *, tokenizer: Tokenizer, global_batch_size: int, vocab_size: int,
-                        max_position_embeddings: int, process_index: int = 0, process_count: int = 1):
+def make_train_iterator(
+    cfg,
+    *,
+    tokenizer: Tokenizer,
+    global_batch_size: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Endless iterator of this host's ``Batch``es, with ``get_state()`` / ``set_state(state)``."""
-    return iter(train_dataset(cfg, tokenizer=tokenizer, global_batch_size=global_batch_size,
-                              vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
-                              process_index=process_index, process_count=process_count))
+    return iter(
+        train_dataset(
+            cfg,
+            tokenizer=tokenizer,
+            global_batch_size=global_batch_size,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
 
 
-def make_eval_batches(cfg, *, tokenizer: Tokenizer, batch_size: int, vocab_size: int,
-                      max_position_embeddings: int) -> list[Batch]:
+def make_eval_batches(
+    cfg, *, tokenizer: Tokenizer, batch_size: int, vocab_size: int, max_position_embeddings: int
+) -> list[Batch]:
     """The held-out documents, packed in order into ``[batch_size, seq_len]`` batches; the last one
     is filled with all-padding rows (loss mask 0). Empty when ``eval_documents`` is 0."""
     if batch_size <= 0:
@@ -130,8 +170,14 @@ def make_eval_batches(cfg, *, tokenizer: Tokenizer, batch_size: int, vocab_size:
     if len(held) == 0:
         return []
     ds = grain.MapDataset.source(held).map(functools.partial(_tokenize, tokenizer=tokenizer))
-    ds = pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len=cfg.seq_len, pad_id=tokenizer.pad_id,
-              num_bins=batch_size, seed=cfg.seed, shuffle_rows=False)
+    ds = pack(
+        ds.to_iter_dataset(_READ_OPTIONS),
+        seq_len=cfg.seq_len,
+        pad_id=tokenizer.pad_id,
+        num_bins=batch_size,
+        seed=cfg.seed,
+        shuffle_rows=False,
+    )
     batches = list(ds.batch(batch_size, batch_fn=functools.partial(to_batch, pad_id=tokenizer.pad_id)))
     missing = batch_size - len(batches[-1]["input_ids"])
     if missing:

@@ -31,8 +31,9 @@ def resolve_paths(patterns: tuple[str, ...], source: str) -> list[Path]:
                 raise FileNotFoundError(f"data.paths: glob {pattern!r} matches no file")
             files += matches
         elif os.path.isdir(expanded):
-            raise ValueError(f"data.paths: {pattern!r} is a directory; give files or a glob like "
-                             f"'{pattern.rstrip('/')}/*'")
+            raise ValueError(
+                f"data.paths: {pattern!r} is a directory; give files or a glob like '{pattern.rstrip('/')}/*'"
+            )
         elif not os.path.isfile(expanded):
             raise FileNotFoundError(f"data.paths: no such file {pattern!r}")
         else:
@@ -124,8 +125,7 @@ class ParquetSource(_MultiFile):
         f, i = self.locate(index)
         text = self._columns[f][i].as_py()
         if not isinstance(text, str):
-            raise ValueError(f"{self.files[f]} row {i}: data.text_field {self._field!r} is not a "
-                             f"string: {text!r}")
+            raise ValueError(f"{self.files[f]} row {i}: data.text_field {self._field!r} is not a string: {text!r}")
         return text
 
 
@@ -169,11 +169,15 @@ class ArraySource(_MultiFile):
             except (OSError, ValueError) as e:
                 raise ValueError(f"data.paths: {path} is not a readable .npy array: {e}") from e
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"data.paths: {path} holds a {arr.dtype} array of shape {arr.shape}; "
-                                 "expected a 1-D integer token array")
+                raise ValueError(
+                    f"data.paths: {path} holds a {arr.dtype} array of shape {arr.shape}; "
+                    "expected a 1-D integer token array"
+                )
             if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
-                raise ValueError(f"data.paths: {path} has token ids in [{int(arr.min())}, {int(arr.max())}], "
-                                 f"outside the model's vocabulary [0, {vocab_size})")
+                raise ValueError(
+                    f"data.paths: {path} has token ids in [{int(arr.min())}, {int(arr.max())}], "
+                    f"outside the model's vocabulary [0, {vocab_size})"
+                )
             ends = np.flatnonzero(np.asarray(arr) == eos_id) + 1
             if arr.size and (not ends.size or ends[-1] != arr.size):
                 ends = np.append(ends, arr.size)
@@ -204,6 +208,7 @@ def open_source(cfg, *, eos_id: int, vocab_size: int):
         else:
             raise ValueError(f"data.source: unknown source {cfg.source!r}")
     if len(source) == 0:
-        raise ValueError(f"data: empty dataset, data.source {cfg.source!r} with paths {list(cfg.paths)} "
-                         "holds no document")
+        raise ValueError(
+            f"data: empty dataset, data.source {cfg.source!r} with paths {list(cfg.paths)} holds no document"
+        )
     return source

@@ -17,8 +17,7 @@ import numpy as np
 
 TASKS = ("arithmetic", "kv_recall", "copy")
 _LETTERS = np.array(list(string.ascii_lowercase))
-_FILLER = ("the grass is green.", "the sky is blue.", "the sun is warm.", "water is wet.",
-           "birds can fly.")
+_FILLER = ("the grass is green.", "the sky is blue.", "the sun is warm.", "water is wet.", "birds can fly.")
 
 
 def _arithmetic(rng: np.random.Generator) -> str:
@@ -67,8 +66,7 @@ class SyntheticSource:
     def __init__(self, tasks: tuple[str, ...], num_documents: int, seed: int):
         unknown = sorted(set(tasks) - set(TASKS))
         if unknown or not tasks:
-            raise ValueError(f"data.synthetic_tasks: {list(tasks)} must be a non-empty subset of "
-                             f"{list(TASKS)}")
+            raise ValueError(f"data.synthetic_tasks: {list(tasks)} must be a non-empty subset of {list(TASKS)}")
         if num_documents <= 0:
             raise ValueError(f"data.synthetic_documents: {num_documents} documents; need at least 1")
         self._tasks, self._n, self._seed = tuple(tasks), num_documents, seed

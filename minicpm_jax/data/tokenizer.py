@@ -74,8 +74,10 @@ class HFTokenizer(_Base):
         self.bos_id = self._special_id(named.get("bos_token"), _BOS_NAMES)
         self.eos_id = self._special_id(named.get("eos_token"), _EOS_NAMES)
         if self.eos_id is None:
-            raise ValueError(f"data.tokenizer: {self.path} has no end-of-document token (looked for "
-                             f"eos_token in tokenizer_config.json and {list(_EOS_NAMES)})")
+            raise ValueError(
+                f"data.tokenizer: {self.path} has no end-of-document token (looked for "
+                f"eos_token in tokenizer_config.json and {list(_EOS_NAMES)})"
+            )
         pad = self._special_id(named.get("pad_token"), _PAD_NAMES)
         self.pad_id = self.eos_id if pad is None else pad
 
@@ -107,18 +109,23 @@ def build_tokenizer(path: str | Path | None) -> Tokenizer:
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
     """Raise if the tokenizer can emit ids the model's embedding table does not have."""
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens ({tokenizer!r}) is "
-                         f"larger than model.vocab_size {vocab_size}; use a model with vocab_size >= "
-                         f"{tokenizer.vocab_size} or a smaller tokenizer")
+        raise ValueError(
+            f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens ({tokenizer!r}) is "
+            f"larger than model.vocab_size {vocab_size}; use a model with vocab_size >= "
+            f"{tokenizer.vocab_size} or a smaller tokenizer"
+        )
 
 
 def _resolve_tokenizer_file(path: Path) -> Path:
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return path / "tokenizer.json"
-        hint = (" (it has a SentencePiece tokenizer.model: write tokenizer.json with "
-                "transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
-                if (path / "tokenizer.model").is_file() else "")
+        hint = (
+            " (it has a SentencePiece tokenizer.model: write tokenizer.json with "
+            "transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
+            if (path / "tokenizer.model").is_file()
+            else ""
+        )
         raise FileNotFoundError(f"data.tokenizer: no tokenizer.json in directory {path}{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"data.tokenizer: no such file or directory {path}")

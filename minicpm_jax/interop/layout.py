@@ -28,7 +28,7 @@ class Entry:
     def hf_shape(self) -> tuple[int, ...]:
         if not self.fan_in_dims:
             return self.shape
-        return (math.prod(self.shape[self.fan_in_dims:]), math.prod(self.shape[: self.fan_in_dims]))
+        return (math.prod(self.shape[self.fan_in_dims :]), math.prod(self.shape[: self.fan_in_dims]))
 
 
 def hf_key(path: tuple) -> str:
@@ -45,8 +45,10 @@ def param_variables(model_or_state) -> list[tuple[tuple, nnx.Variable]]:
 
 def layout(model_or_state) -> dict[str, Entry]:
     """``{hf key: Entry}`` for every parameter (abstract or concrete)."""
-    return {hf_key(p): Entry(p, tuple(v.get_value().shape), v.get_metadata().get("fan_in_dims", 0))
-            for p, v in param_variables(model_or_state)}
+    return {
+        hf_key(p): Entry(p, tuple(v.get_value().shape), v.get_metadata().get("fan_in_dims", 0))
+        for p, v in param_variables(model_or_state)
+    }
 
 
 def to_hf(value: np.ndarray, entry: Entry) -> np.ndarray:

@@ -30,13 +30,21 @@ class CheckpointError(ValueError):
 
     def __init__(self, directory, problems: list[str]):
         self.problems = problems
-        super().__init__(f"checkpoint {directory} does not match its config.json "
-                         f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        super().__init__(
+            f"checkpoint {directory} does not match its config.json "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
 
 
-def load_hf_checkpoint(directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16,
-                       param_dtype=jnp.float32, attention_impl: str = "auto",
-                       lightning_impl: str = "auto") -> tuple[ModelConfig, MiniCPMForCausalLM]:
+def load_hf_checkpoint(
+    directory: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    attention_impl: str = "auto",
+    lightning_impl: str = "auto",
+) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """``(config, model)`` from ``config.json`` + ``*.safetensors``; parameters land on ``mesh`` shardings.
 
     ``attention_impl`` / ``lightning_impl``: the model's kernel choice (runtime options).
@@ -45,8 +53,11 @@ def load_hf_checkpoint(directory: str | Path, *, mesh: Mesh | None = None, dtype
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json")
     cfg, _ = import_config(json.loads((directory / "config.json").read_text()))
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                        attention_impl=attention_impl, lightning_impl=lightning_impl))
+    graphdef, abstract_state = nnx.split(
+        abstract_model(
+            cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, lightning_impl=lightning_impl
+        )
+    )
     entries = layout(abstract_state)
     files = tensor_files(directory)
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh))) if mesh is not None else {}
@@ -64,8 +75,9 @@ def load_hf_checkpoint(directory: str | Path, *, mesh: Mesh | None = None, dtype
 
 
 def _check(directory, cfg: ModelConfig, entries: dict[str, Entry], shapes: dict[str, tuple]) -> None:
-    problems = [f"missing tensor {k} (expected shape {list(e.hf_shape)})" for k, e in entries.items()
-                if k not in shapes]
+    problems = [
+        f"missing tensor {k} (expected shape {list(e.hf_shape)})" for k, e in entries.items() if k not in shapes
+    ]
     for key, shape in shapes.items():
         if key in entries:
             if shape != entries[key].hf_shape:
@@ -74,6 +86,3 @@ def _check(directory, cfg: ModelConfig, entries: dict[str, Entry], shapes: dict[
             problems.append(f"unexpected tensor {key} {list(shape)}")
     if problems:
         raise CheckpointError(directory, problems)
-
-
-

@@ -21,13 +21,27 @@ from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
-def save_hf_checkpoint(model_or_params: nnx.Module | nnx.State, config: ModelConfig, directory: str | Path, *,
-                       format: str = "minicpm", dtype: str = "bfloat16", tokenizer_dir: str | Path | None = None,
-                       max_shard_bytes: int = 5 * 2**30) -> Path:
+def save_hf_checkpoint(
+    model_or_params: nnx.Module | nnx.State,
+    config: ModelConfig,
+    directory: str | Path,
+    *,
+    format: str = "minicpm",
+    dtype: str = "bfloat16",
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
     """Write ``model_or_params`` as a Hugging Face checkpoint; the directory appears complete or not at all."""
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not supported; use one of {list(NUMPY_DTYPES)}")
@@ -54,8 +68,13 @@ def save_hf_checkpoint(model_or_params: nnx.Module | nnx.State, config: ModelCon
         for filename, keys in shards:
             save_file({k: tensor(k) for k in keys}, str(tmp / filename), metadata={"format": "pt"})
         if len(shards) > 1:
-            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())},
-                                          "weight_map": {k: f for f, keys in shards for k in keys}})
+            write_json(
+                tmp / INDEX_NAME,
+                {
+                    "metadata": {"total_size": sum(sizes.values())},
+                    "weight_map": {k: f for f, keys in shards for k in keys},
+                },
+            )
         write_json(tmp / "config.json", hf_config)
         write_json(tmp / "generation_config.json", generation_config(config))
         if tokenizer_dir is not None:
@@ -72,4 +91,3 @@ def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
     for name in found:
         shutil.copy2(src / name, dst / name)
     return found
-

@@ -18,8 +18,14 @@ from minicpm_jax.model.cache import KVCache, check_prefill, init_kv_cache
 from minicpm_jax.model.layers import Linear
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
 from minicpm_jax.sharding import constrain
-from pallas_kernels.infllm_v2 import (DecodeCache, InfLLMv2Config, decode_step, infllm_v2_attention, init_cache,
-                                     prefill_cache)
+from pallas_kernels.infllm_v2 import (
+    DecodeCache,
+    InfLLMv2Config,
+    decode_step,
+    infllm_v2_attention,
+    init_cache,
+    prefill_cache,
+)
 
 
 def causal_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -61,9 +67,15 @@ def infllm_config(cfg: ModelConfig) -> InfLLMv2Config | None:
     sc = cfg.sparse_config
     if sc is None:
         return None
-    return InfLLMv2Config(kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride, block_size=sc.block_size,
-                          init_blocks=sc.init_blocks, window_size=sc.window_size, topk=sc.topk,
-                          dense_len=sc.dense_len)
+    return InfLLMv2Config(
+        kernel_size=sc.kernel_size,
+        kernel_stride=sc.kernel_stride,
+        block_size=sc.block_size,
+        init_blocks=sc.init_blocks,
+        window_size=sc.window_size,
+        topk=sc.topk,
+        dense_len=sc.dense_len,
+    )
 
 
 def separate_select_keys(cfg: ModelConfig) -> bool:
@@ -78,8 +90,9 @@ class Attention(nnx.Module):
     ``"pallas_tpu"``); it is a runtime option, not part of the config.
     """
 
-    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
-                 implementation: str = "auto"):
+    def __init__(
+        self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype, implementation: str = "auto"
+    ):
         h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.config, self.implementation = cfg, implementation
@@ -95,8 +108,15 @@ class Attention(nnx.Module):
         cfg = self.config
         if self.sparse is None:
             return init_kv_cache(batch, capacity, cfg.num_key_value_heads, cfg.attn_head_dim, dtype)
-        return init_cache(batch, capacity, cfg.num_key_value_heads, cfg.attn_head_dim, dtype, self.sparse,
-                          separate_select_keys=separate_select_keys(cfg))
+        return init_cache(
+            batch,
+            capacity,
+            cfg.num_key_value_heads,
+            cfg.attn_head_dim,
+            dtype,
+            self.sparse,
+            separate_select_keys=separate_select_keys(cfg),
+        )
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         """``q, k, v`` (RoPE applied if configured) and the selection copies (None unless use_nope)."""
@@ -116,8 +136,16 @@ class Attention(nnx.Module):
         b, t = q.shape[:2]
         if self.sparse is None or self.sparse.is_dense(t):
             return dot_product_attention(q, k, v, causal_mask(segment_ids, b, t))
-        return infllm_v2_attention(q, k, v, config=self.sparse, q_select=q_sel, k_select=k_sel,
-                                   segment_ids=segment_ids, implementation=self.implementation)
+        return infllm_v2_attention(
+            q,
+            k,
+            v,
+            config=self.sparse,
+            q_select=q_sel,
+            k_select=k_sel,
+            segment_ids=segment_ids,
+            implementation=self.implementation,
+        )
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None):
         """``(output, cache)``; ``cache`` is None (plain forward), a ``KVCache`` or an InfLLM v2 ``DecodeCache``.

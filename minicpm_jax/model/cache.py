@@ -59,8 +59,10 @@ def check_prefill(length: jax.Array) -> None:
     """A multi-token call on an InfLLM v2 cache must start from an empty cache (checked when concrete)."""
     n = _concrete(length)
     if n not in (None, 0):
-        raise ValueError(f"a multi-token step on a sparse (InfLLM v2) layer cache needs an empty cache, "
-                         f"this one holds {n} tokens: prefill once, then decode one token at a time")
+        raise ValueError(
+            f"a multi-token step on a sparse (InfLLM v2) layer cache needs an empty cache, "
+            f"this one holds {n} tokens: prefill once, then decode one token at a time"
+        )
 
 
 def check_room(cache: ModelCache, new_tokens: int) -> None:

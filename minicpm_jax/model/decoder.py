@@ -30,8 +30,17 @@ REMAT_POLICIES = {"dots_saveable": jax.checkpoint_policies.dots_saveable, "full"
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``x += mixer(norm(x)) * r``; ``x += mlp(norm(x)) * r`` with ``r = scale_depth/sqrt(L)``."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
-                 implementation: str = "auto"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        kind: str,
+        *,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        implementation: str = "auto",
+    ):
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.residual_scale = cfg.residual_scale
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -50,13 +59,21 @@ class DecoderLayer(nnx.Module):
 class MiniCPMModel(nnx.Module):
     """The decoder stack (``model.*`` in the checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
-                 attention_impl: str = "auto", lightning_impl: str = "auto"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        attention_impl: str = "auto",
+        lightning_impl: str = "auto",
+    ):
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         impls = {"minicpm4": attention_impl, "lightning-attn": lightning_impl}
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, kind, implementation=impls[kind], **kw)
-                                for kind in cfg.layer_mixers])
+        self.layers = nnx.List([DecoderLayer(cfg, kind, implementation=impls[kind], **kw) for kind in cfg.layer_mixers])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
 
@@ -69,20 +86,33 @@ class MiniCPMForCausalLM(nnx.Module):
     picks by backend); they are runtime options, not part of the config.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                 attention_impl: str = "auto", lightning_impl: str = "auto"):
-        errors = [f"{name}={value!r}: expected one of {['auto', *allowed]}"
-                  for name, value, allowed in (("attention_impl", attention_impl, INFLLM_IMPLS),
-                                               ("lightning_impl", lightning_impl, LIGHTNING_IMPLS))
-                  if value != "auto" and value not in allowed]
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        attention_impl: str = "auto",
+        lightning_impl: str = "auto",
+    ):
+        errors = [
+            f"{name}={value!r}: expected one of {['auto', *allowed]}"
+            for name, value, allowed in (
+                ("attention_impl", attention_impl, INFLLM_IMPLS),
+                ("lightning_impl", lightning_impl, LIGHTNING_IMPLS),
+            )
+            if value != "auto" and value not in allowed
+        ]
         if errors:
             raise ValueError("; ".join(errors))
         self.config, self.dtype = cfg, dtype
         init_std = mup_init_std(cfg.initializer_range, cfg.hidden_size, cfg.dim_model_base)
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.model = MiniCPMModel(cfg, attention_impl=attention_impl, lightning_impl=lightning_impl, **kw)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw)
+        )
 
     def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none"):
         """Final-norm hidden states and the updated per-layer caches (``caches``: None or one per layer)."""
@@ -103,8 +133,14 @@ class MiniCPMForCausalLM(nnx.Module):
             new.append(cache)
         return self.model.norm(x), tuple(new)
 
-    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, *, remat: str = "none") -> jax.Array:
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        remat: str = "none",
+    ) -> jax.Array:
         """Final-norm hidden states ``[B, T, H]`` (before the logit scaling).
 
         ``remat``: ``"none"``, ``"dots_saveable"`` or ``"full"`` rematerialisation of each layer.
@@ -118,12 +154,14 @@ class MiniCPMForCausalLM(nnx.Module):
             w = self.model.embed_tokens.weight[...].astype(self.dtype)
             out = jnp.einsum("bth,vh->btv", h, w, preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum("bth,hv->btv", h, self.lm_head.kernel[...].astype(self.dtype),
-                             preferred_element_type=jnp.float32)
+            out = jnp.einsum(
+                "bth,hv->btv", h, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
+            )
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
     # ----- decoding with caches (minicpm_jax.model.cache) -----

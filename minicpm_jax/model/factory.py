@@ -22,14 +22,28 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_impl: str = "auto",
-                   lightning_impl: str = "auto") -> MiniCPMForCausalLM:
+def abstract_model(
+    cfg: ModelConfig,
+    *,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    attention_impl: str = "auto",
+    lightning_impl: str = "auto",
+) -> MiniCPMForCausalLM:
     """The model with ``ShapeDtypeStruct`` leaves: nothing is allocated.
 
     ``attention_impl`` / ``lightning_impl``: kernel choice (runtime options of ``MiniCPMForCausalLM``).
     """
-    return nnx.eval_shape(lambda: MiniCPMForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                                     attention_impl=attention_impl, lightning_impl=lightning_impl))
+    return nnx.eval_shape(
+        lambda: MiniCPMForCausalLM(
+            cfg,
+            rngs=nnx.Rngs(0),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            lightning_impl=lightning_impl,
+        )
+    )
 
 
 def param_axes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
@@ -61,16 +75,26 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return shardings
 
 
-def create_model(cfg: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0, dtype=jnp.bfloat16,
-                 param_dtype=jnp.float32, attention_impl: str = "auto",
-                 lightning_impl: str = "auto") -> MiniCPMForCausalLM:
+def create_model(
+    cfg: ModelConfig,
+    *,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    attention_impl: str = "auto",
+    lightning_impl: str = "auto",
+) -> MiniCPMForCausalLM:
     """A freshly initialised model; with ``mesh``, every parameter is created already sharded."""
 
     def init():
         return nnx.split(MiniCPMForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype))[1]
 
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                        attention_impl=attention_impl, lightning_impl=lightning_impl))
+    graphdef, abstract_state = nnx.split(
+        abstract_model(
+            cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, lightning_impl=lightning_impl
+        )
+    )
     out_shardings = state_shardings(abstract_state, mesh) if mesh is not None else None
     state = jax.jit(init, out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)

@@ -22,11 +22,23 @@ def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Arra
 class Linear(nnx.Module):
     """``y = x @ W`` with ``W: [*in_shape, *out_shape]``, no bias (MiniCPM has none)."""
 
-    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str | None], *,
-                 init_std: float, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        axes: Sequence[str | None],
+        *,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+    ):
         self.in_shape, self.out_shape, self.dtype = tuple(in_shape), tuple(out_shape), dtype
-        self.kernel = nnx.Param(_normal(rngs, (*in_shape, *out_shape), init_std, param_dtype),
-                                logical_axes=tuple(axes), fan_in_dims=len(self.in_shape))
+        self.kernel = nnx.Param(
+            _normal(rngs, (*in_shape, *out_shape), init_std, param_dtype),
+            logical_axes=tuple(axes),
+            fan_in_dims=len(self.in_shape),
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in, n_out = len(self.in_shape), len(self.out_shape)
@@ -39,8 +51,9 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table ``[vocab, embed]`` (same layout as Hugging Face)."""
 
-    def __init__(self, vocab: int, dim: int, *, init_std: float, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self, vocab: int, dim: int, *, init_std: float, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32
+    ):
         self.dtype = dtype
         self.weight = nnx.Param(_normal(rngs, (vocab, dim), init_std, param_dtype), logical_axes=("vocab", "embed"))
 

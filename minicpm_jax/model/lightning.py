@@ -23,8 +23,9 @@ from pallas_kernels.lightning import alibi_slopes, lightning_attention, lightnin
 class LightningAttention(nnx.Module):
     """``self_attn`` of a ``"lightning-attn"`` layer."""
 
-    def __init__(self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype,
-                 implementation: str = "auto"):
+    def __init__(
+        self, cfg: ModelConfig, *, init_std: float, rngs: nnx.Rngs, dtype, param_dtype, implementation: str = "auto"
+    ):
         h, nh, nkv, hd = cfg.hidden_size, cfg.lightning_nh, cfg.lightning_nkv, cfg.lightning_head_dim
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         kv_axis = "heads" if nkv == nh else "kv_heads"
@@ -43,13 +44,16 @@ class LightningAttention(nnx.Module):
         nh, hd = self.config.lightning_nh, self.config.lightning_head_dim
         return LightningCache(jnp.zeros((batch, nh, hd, hd), jnp.float32))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: LightningCache | None = None):
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LightningCache | None = None
+    ):
         """``(output, cache)``: with a cache the recurrence starts from its state and returns the new one."""
         if segment_ids is not None:
-            raise ValueError("segment_ids (packed documents) are not supported by lightning-attn layers: "
-                             "the recurrent state would carry across documents; train hybrid models on "
-                             "unpacked rows (one document per row)")
+            raise ValueError(
+                "segment_ids (packed documents) are not supported by lightning-attn layers: "
+                "the recurrent state would carry across documents; train hybrid models on "
+                "unpacked rows (one document per row)"
+            )
         cfg = self.config
         nh, hd = cfg.lightning_nh, cfg.lightning_head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -68,8 +72,16 @@ class LightningAttention(nnx.Module):
             o, state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=hd**-0.5)
             o, cache = o[:, None], LightningCache(state)
         else:
-            o, state = lightning_attention(q, k, v, log_decay, scale=hd**-0.5, initial_state=cache.state,
-                                           return_final_state=True, implementation=self.implementation)
+            o, state = lightning_attention(
+                q,
+                k,
+                v,
+                log_decay,
+                scale=hd**-0.5,
+                initial_state=cache.state,
+                return_final_state=True,
+                implementation=self.implementation,
+            )
             cache = LightningCache(state)
         b, t = x.shape[:2]
         o = o.reshape(b, t, nh * hd).astype(self.dtype)

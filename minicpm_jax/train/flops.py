@@ -17,8 +17,17 @@ from minicpm_jax.model.factory import abstract_model, param_axes
 
 LIGHTNING_CHUNK = 64
 # dense bf16 peak FLOP/s per device, by jax device_kind prefix
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA B200": 2250e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA B200": 2250e12,
+}
 
 
 def _attention_fwd_flops(cfg: ModelConfig, kind: str, seq_len: int) -> float:
@@ -36,8 +45,11 @@ def _attention_fwd_flops(cfg: ModelConfig, kind: str, seq_len: int) -> float:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token at sequence length ``seq_len``."""
-    matmul = sum(math.prod(shape) for name, (shape, _) in param_axes(abstract_model(cfg)).items()
-                 if len(shape) >= 2 and not name.startswith("model.embed_tokens"))
+    matmul = sum(
+        math.prod(shape)
+        for name, (shape, _) in param_axes(abstract_model(cfg)).items()
+        if len(shape) >= 2 and not name.startswith("model.embed_tokens")
+    )
     if cfg.tie_word_embeddings:
         matmul += cfg.vocab_size * cfg.hidden_size
     attention = sum(_attention_fwd_flops(cfg, kind, seq_len) for kind in cfg.layer_mixers)

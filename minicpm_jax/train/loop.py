@@ -39,29 +39,42 @@ def pretrain_loss(cfg: Config) -> LossFn:
     return functools.partial(next_token_loss, remat=cfg.train.remat, chunk_size=cfg.train.loss_chunk_size)
 
 
-def run_training(cfg: Config, *, loss_fn: LossFn | None = None, model: MiniCPMForCausalLM | None = None,
-                 console: Console | None = None) -> dict:
+def run_training(
+    cfg: Config,
+    *,
+    loss_fn: LossFn | None = None,
+    model: MiniCPMForCausalLM | None = None,
+    console: Console | None = None,
+) -> dict:
     """Train ``cfg`` (resuming from ``train.output_dir`` if it holds checkpoints); returns a summary."""
     console = console or Console()
     tc, out = cfg.train, Path(cfg.train.output_dir)
     mesh = make_mesh(cfg.mesh)
     check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
     if model is None and tc.init_from:
-        model_cfg, model = load_any(tc.init_from, mesh=mesh, dtype=jnp.dtype(cfg.dtype),
-                                    param_dtype=jnp.dtype(cfg.param_dtype))
+        model_cfg, model = load_any(
+            tc.init_from, mesh=mesh, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
+        )
         if model_cfg != cfg.model:
             console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
             cfg = cfg.model_copy(update={"model": model_cfg})
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    data_kw = dict(tokenizer=tokenizer, vocab_size=cfg.model.vocab_size,
-                   max_position_embeddings=cfg.model.max_position_embeddings)
-    data = make_train_iterator(cfg.data, global_batch_size=tc.global_batch_size, process_index=jax.process_index(),
-                               process_count=jax.process_count(), **data_kw)
+    data_kw = dict(
+        tokenizer=tokenizer, vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.max_position_embeddings
+    )
+    data = make_train_iterator(
+        cfg.data,
+        global_batch_size=tc.global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        **data_kw,
+    )
     eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
     trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model)
     checkpointer = TrainCheckpointer(out / "checkpoints", keep=tc.keep_checkpoints)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            trainer.state, trainer.state_sharding)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.state, trainer.state_sharding
+    )
     restored = checkpointer.restore_latest(abstract)
     if restored is not None:
         start, trainer.state, data_state, _ = restored
@@ -85,13 +98,16 @@ def run_training(cfg: Config, *, loss_fn: LossFn | None = None, model: MiniCPMFo
                 trainer.state, metrics = trainer.train_step(trainer.state, batch)
                 if not bool(metrics["finite"]):
                     skipped, consecutive = skipped + 1, consecutive + 1
-                    console.print(f"[yellow]step {step}: non-finite loss/gradient, update skipped "
-                                  f"({consecutive} in a row, {skipped} total)[/]")
+                    console.print(
+                        f"[yellow]step {step}: non-finite loss/gradient, update skipped "
+                        f"({consecutive} in a row, {skipped} total)[/]"
+                    )
                     if consecutive >= tc.max_consecutive_nonfinite:
                         raise TrainingDiverged(
                             f"{consecutive} consecutive non-finite steps (train.max_consecutive_nonfinite="
                             f"{tc.max_consecutive_nonfinite}) at step {step}; stopping. The last good "
-                            f"checkpoint is kept in {out / 'checkpoints'}")
+                            f"checkpoint is kept in {out / 'checkpoints'}"
+                        )
                 else:
                     consecutive = 0
                     losses.append(float(metrics["loss"]))
@@ -101,20 +117,31 @@ def run_training(cfg: Config, *, loss_fn: LossFn | None = None, model: MiniCPMFo
                     tokens_per_s = tc.log_every * local["input_ids"].size * jax.process_count() / (now - tick)
                     tick = now
                     mfu = tokens_per_s * flops_per_token / (peak * jax.device_count()) if peak else None
-                    logger.log(step, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                                      "learning_rate": metrics["learning_rate"], "tokens_per_s": tokens_per_s,
-                                      "mfu": mfu, "skipped_steps": skipped})
+                    logger.log(
+                        step,
+                        {
+                            "loss": metrics["loss"],
+                            "grad_norm": metrics["grad_norm"],
+                            "learning_rate": metrics["learning_rate"],
+                            "tokens_per_s": tokens_per_s,
+                            "mfu": mfu,
+                            "skipped_steps": skipped,
+                        },
+                    )
                 if eval_batches and tc.eval_every and step % tc.eval_every == 0:
                     logger.log(step, {"eval_loss": evaluate(trainer, eval_batches)})
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stop["signal"]:
-                    checkpointer.save(step, trainer.state, data.get_state(), cfg.model_dump(mode="json"),
-                                      force=True)
+                    checkpointer.save(step, trainer.state, data.get_state(), cfg.model_dump(mode="json"), force=True)
                 if stop["signal"]:
                     console.print(f"received {stop['signal']}: checkpoint saved at step {step}, stopping")
                     break
         checkpointer.wait()
-        summary = {"steps": int(trainer.state["step"]), "skipped_steps": skipped,
-                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+        summary = {
+            "steps": int(trainer.state["step"]),
+            "skipped_steps": skipped,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+        }
         if eval_batches:
             summary["eval_loss"] = evaluate(trainer, eval_batches)
             logger.log(summary["steps"], {"eval_loss": summary["eval_loss"]})
@@ -141,6 +168,7 @@ def evaluate(trainer: Trainer, batches: list[dict]) -> float:
 @contextlib.contextmanager
 def _stop_on_signals(stop: dict):
     """SIGTERM / SIGINT set ``stop['signal']``; the loop checkpoints and exits after the current step."""
+
     def handler(signum, _frame):
         stop["signal"] = signal.Signals(signum).name
 
@@ -153,9 +181,14 @@ def _stop_on_signals(stop: dict):
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=False)
-
-
-
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 
 
-def chunked_cross_entropy(model: MiniCPMForCausalLM, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
-                          chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+    model: MiniCPMForCausalLM, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
     """``(sum of masked token losses, sum of mask)`` from final hidden states ``[B, T, H]``."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t, m = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
@@ -37,8 +38,9 @@ def chunked_cross_entropy(model: MiniCPMForCausalLM, hidden: jax.Array, targets:
     return total, jnp.sum(m)
 
 
-def next_token_loss(model: MiniCPMForCausalLM, batch: dict, *, remat: str = "none",
-                    chunk_size: int = 1024) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+def next_token_loss(
+    model: MiniCPMForCausalLM, batch: dict, *, remat: str = "none", chunk_size: int = 1024
+) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """Pretraining loss: ``(summed loss, (token count, aux metrics))`` for token-weighted averaging."""
     hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), remat=remat)
     loss_sum, weight = chunked_cross_entropy(model, hidden, batch["targets"], batch["loss_mask"], chunk_size)

@@ -33,8 +33,9 @@ class PlanRow:
         return self.argument_bytes + self.temp_bytes
 
 
-def plan_train_memory(cfg: Config, meshes: Sequence[MeshConfig], batch_sizes: Sequence[int],
-                      seq_len: int) -> list[PlanRow]:
+def plan_train_memory(
+    cfg: Config, meshes: Sequence[MeshConfig], batch_sizes: Sequence[int], seq_len: int
+) -> list[PlanRow]:
     """One row per (mesh, global batch size): XLA's per-device memory of the compiled train step."""
     rows = []
     model = abstract_model(cfg.model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -43,19 +44,34 @@ def plan_train_memory(cfg: Config, meshes: Sequence[MeshConfig], batch_sizes: Se
         mesh = make_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])
         optimizer, _, sharding, step = build_train_step(cfg, mesh, pretrain_loss(cfg), graphdef, params_state)
         params = jax.eval_shape(lambda: nnx.to_pure_dict(params_state))
-        state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
-                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        state = {
+            "params": params,
+            "opt_state": jax.eval_shape(optimizer.init, params),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sharding)
         for batch_size in batch_sizes:
             check_batch(mesh, batch_size, cfg.train.micro_batches, seq_len)
             tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding(mesh))
-            batch = {"input_ids": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
-                     "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32,
-                                                       sharding=batch_sharding(mesh))}
+            batch = {
+                "input_ids": tokens,
+                "targets": tokens,
+                "positions": tokens,
+                "segment_ids": tokens,
+                "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=batch_sharding(mesh)),
+            }
             start = time.perf_counter()
             memory = step.lower(state, batch).compile().memory_analysis()
-            rows.append(PlanRow(dict(mesh.shape), batch_size, seq_len, memory.argument_size_in_bytes,
-                                memory.temp_size_in_bytes, time.perf_counter() - start))
+            rows.append(
+                PlanRow(
+                    dict(mesh.shape),
+                    batch_size,
+                    seq_len,
+                    memory.argument_size_in_bytes,
+                    memory.temp_size_in_bytes,
+                    time.perf_counter() - start,
+                )
+            )
     return rows
 
 

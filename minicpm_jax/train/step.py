@@ -34,10 +34,14 @@ def check_batch(mesh: Mesh, global_batch_size: int, micro_batches: int, seq_len:
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     errors = []
     if global_batch_size % micro_batches:
-        errors.append(f"train.global_batch_size {global_batch_size} is not divisible by train.micro_batches {micro_batches}")
+        errors.append(
+            f"train.global_batch_size {global_batch_size} is not divisible by train.micro_batches {micro_batches}"
+        )
     elif (global_batch_size // micro_batches) % rows:
-        errors.append(f"micro-batch of {global_batch_size // micro_batches} rows is not divisible by the data axes "
-                      f"data x fsdp = {rows}")
+        errors.append(
+            f"micro-batch of {global_batch_size // micro_batches} rows is not divisible by the data axes "
+            f"data x fsdp = {rows}"
+        )
     if seq_len % mesh.shape["sequence"]:
         errors.append(f"data.seq_len {seq_len} is not divisible by mesh axis sequence={mesh.shape['sequence']}")
     if errors:
@@ -72,8 +76,14 @@ def _tree_where(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def accumulate_gradients(graphdef: nnx.GraphDef, loss_fn: LossFn, params, batch: dict, micro_batches: int,
-                         row_sharding: NamedSharding | None = None):
+def accumulate_gradients(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    params,
+    batch: dict,
+    micro_batches: int,
+    row_sharding: NamedSharding | None = None,
+):
     """``(mean gradient, mean loss, total weight)`` over ``micro_batches`` scanned micro-batches.
 
     Gradients of the summed loss are added up and divided once by the total weight, so the result
@@ -99,8 +109,16 @@ def accumulate_gradients(graphdef: nnx.GraphDef, loss_fn: LossFn, params, batch:
     return jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params), loss_sum / weight, weight
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: Callable, *, micro_batches: int, mesh: Mesh, state_sharding: Any):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    micro_batches: int,
+    mesh: Mesh,
+    state_sharding: Any,
+):
     """``step(state, batch) -> (state, metrics)``, jitted with shardings and ``state`` donated.
 
     ``state`` is ``{"params", "opt_state", "step"}``; ``batch`` a dict of ``[B, T]`` arrays.
@@ -114,16 +132,27 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = {"params": _tree_where(finite, new_params, params),
-                     "opt_state": _tree_where(finite, new_opt, state["opt_state"]),
-                     "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
-                   "tokens": weight, "finite": finite}
+        new_state = {
+            "params": _tree_where(finite, new_params, params),
+            "opt_state": _tree_where(finite, new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+            "tokens": weight,
+            "finite": finite,
+        }
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(state_sharding, row_sharding), out_shardings=(state_sharding, replicated),
-                   donate_argnums=0)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, row_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh, params_sharding):

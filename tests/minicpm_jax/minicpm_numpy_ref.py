@@ -45,8 +45,10 @@ def forward(P, cfg, ids):  # P: HF state dict as numpy; ids: [T]
     rs = cfg["scale_depth"] / math.sqrt(L)
     mask = np.triu(np.full((T, T), -np.inf, np.float32), 1)
     for i in range(L):
+
         def p(n):
             return P[f"model.layers.{i}.{n}"]
+
         h = rms_norm(x, p("input_layernorm.weight"), eps)
         q = (h @ p("self_attn.q_proj.weight").T).reshape(T, nh, hd)
         k = (h @ p("self_attn.k_proj.weight").T).reshape(T, nkv, hd)

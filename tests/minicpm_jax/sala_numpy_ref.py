@@ -69,9 +69,10 @@ def lightning_layer(p, cfg, x):
 
 # ----- InfLLM v2, generation B (spec/infllm_v2.md 5) -----
 
+
 def compress(k, ks, kst):  # [T, H, D] -> mean over full windows [j*kst, j*kst+ks)
     n = (k.shape[0] - ks) // kst + 1 if k.shape[0] >= ks else 0
-    return np.stack([k[j * kst:j * kst + ks].mean(0) for j in range(n)]) if n else np.zeros((0,) + k.shape[1:])
+    return np.stack([k[j * kst : j * kst + ks].mean(0) for j in range(n)]) if n else np.zeros((0,) + k.shape[1:])
 
 
 def stage1_scores(q, k1, k2, ks, kst):
@@ -145,7 +146,7 @@ def infllm_v2(q, k, v, sc, q_sel=None, k_sel=None):
 
 def softmax_layer(p, cfg, x):
     """One ``"minicpm4"`` mixer: dense/InfLLM v2 GQA attention, optional RoPE, optional o_gate."""
-    t, nh, nkv, eps = x.shape[0], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    t, nh, nkv = x.shape[0], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
     q = (x @ p("q_proj.weight").T).reshape(t, nh, hd)
     k = (x @ p("k_proj.weight").T).reshape(t, nkv, hd)
@@ -173,6 +174,7 @@ def forward(P, cfg, ids):
     rs = cfg["scale_depth"] / math.sqrt(n)
     x = P["model.embed_tokens.weight"][ids] * cfg["scale_emb"]
     for i, kind in enumerate(mixers):
+
         def p(name, i=i):
             return P[f"model.layers.{i}.self_attn.{name}"]
 
@@ -185,4 +187,6 @@ def forward(P, cfg, ids):
         g = h @ w("mlp.gate_proj.weight").T
         x = x + (((g / (1 + np.exp(-g))) * (h @ w("mlp.up_proj.weight").T)) @ w("mlp.down_proj.weight").T) * rs
     x = rms_norm(x, P["model.norm.weight"], eps)
-    return (x / (cfg["hidden_size"] / cfg["dim_model_base"])) @ P.get("lm_head.weight", P["model.embed_tokens.weight"]).T
+    return (x / (cfg["hidden_size"] / cfg["dim_model_base"])) @ P.get(
+        "lm_head.weight", P["model.embed_tokens.weight"]
+    ).T

@@ -13,11 +13,14 @@ def run(capsys, *argv):
     return code, capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset,expected", [
-    ("minicpm4-0.5b", "433.9M parameters (433,873,920)"),
-    ("minicpm4-8b", "8.19B parameters (8,185,253,888)"),
-    ("minicpm-sala-9b", "9.48B parameters (9,477,203,968)"),
-])
+@pytest.mark.parametrize(
+    "preset,expected",
+    [
+        ("minicpm4-0.5b", "433.9M parameters (433,873,920)"),
+        ("minicpm4-8b", "8.19B parameters (8,185,253,888)"),
+        ("minicpm-sala-9b", "9.48B parameters (9,477,203,968)"),
+    ],
+)
 def test_info_counts(capsys, preset, expected):
     code, out = run(capsys, "info", preset, "mesh.fsdp=8", "--devices", "8")
     assert code == 0 and expected in out
@@ -42,17 +45,40 @@ def test_info_errors(capsys):
 
 
 def test_train_plan_on_tiny_model(capsys):
-    code, out = run(capsys, "info", "tiny-minicpm4", "--train-plan", "--plan-meshes", "fsdp=8;fsdp=2,tensor=4",
-                    "--plan-batch-sizes", "8", "--plan-seq-len", "64")
+    code, out = run(
+        capsys,
+        "info",
+        "tiny-minicpm4",
+        "--train-plan",
+        "--plan-meshes",
+        "fsdp=8;fsdp=2,tensor=4",
+        "--plan-batch-sizes",
+        "8",
+        "--plan-seq-len",
+        "64",
+    )
     assert code == 0 and "tensor=4" in out and "8 x 64" in out and "compile s" in out
 
 
 def test_train_command_errors(capsys, tmp_path):
-    code, out = run(capsys, "train", "--config", "configs/recipes/pretrain-tiny.yaml", f"train.output_dir={tmp_path}",
-                    "data.seq_len=4096")
+    code, out = run(
+        capsys,
+        "train",
+        "--config",
+        "configs/recipes/pretrain-tiny.yaml",
+        f"train.output_dir={tmp_path}",
+        "data.seq_len=4096",
+    )
     assert code == 2 and "seq_len" in out and "max_position_embeddings" in out
-    code, out = run(capsys, "train", "--config", "configs/recipes/pretrain-tiny.yaml", f"train.output_dir={tmp_path}",
-                    "mesh.fsdp=8", "train.global_batch_size=12")
+    code, out = run(
+        capsys,
+        "train",
+        "--config",
+        "configs/recipes/pretrain-tiny.yaml",
+        f"train.output_dir={tmp_path}",
+        "mesh.fsdp=8",
+        "train.global_batch_size=12",
+    )
     assert code == 2 and "not divisible by the data axes" in out
 
 
@@ -73,7 +99,15 @@ def test_export_import_commands(capsys, tmp_path):
 @pytest.mark.torch
 def test_demo_runs_end_to_end(tmp_path, capsys):
     pytest.importorskip("torch")
-    code, out = run(capsys, "demo", "--output", str(tmp_path), "train.steps=30", "optimizer.decay_steps=10",
-                    "train.global_batch_size=8", "data.seq_len=64")
+    code, out = run(
+        capsys,
+        "demo",
+        "--output",
+        str(tmp_path),
+        "train.steps=30",
+        "optimizer.decay_steps=10",
+        "train.global_batch_size=8",
+        "data.seq_len=64",
+    )
     assert code == 0 and "[5/5]" in out and "PyTorch" in out and "pretrained: loss" in out
     assert (tmp_path / "hf-llama" / "model.safetensors").is_file()

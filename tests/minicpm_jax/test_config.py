@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from minicpm_jax.config import (ConfigError, ModelConfig, build_config, load_config, model_config_from_hf,
-                                model_config_to_hf, preset_names)
+from minicpm_jax.config import (
+    ConfigError,
+    ModelConfig,
+    build_config,
+    load_config,
+    model_config_from_hf,
+    model_config_to_hf,
+    preset_names,
+)
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -33,7 +40,12 @@ def test_official_config_json_equals_preset():
 
 def test_preset_05b_values_from_spec():
     cfg = load_config("minicpm4-0.5b").model
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 1024, 16, 2)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        24,
+        1024,
+        16,
+        2,
+    )
     assert cfg.tie_word_embeddings and cfg.vocab_size == 73448 and cfg.rms_norm_eps == 1e-5
     assert cfg.residual_scale == pytest.approx(0.285774, abs=1e-6) and cfg.logit_divisor == 4
     sala = load_config("minicpm-sala-9b").model
@@ -47,28 +59,37 @@ def test_hf_config_round_trip(name):
 
 
 def test_dotted_overrides():
-    cfg = load_config("minicpm4-0.5b", ["model.num_hidden_layers=4", "dtype=float32", "mesh.tensor=2",
-                                        "model.sparse_config.topk=8"])
+    cfg = load_config(
+        "minicpm4-0.5b", ["model.num_hidden_layers=4", "dtype=float32", "mesh.tensor=2", "model.sparse_config.topk=8"]
+    )
     assert cfg.model.num_hidden_layers == 4 and cfg.dtype == "float32" and cfg.mesh.tensor == 2
     assert cfg.model.sparse_config.topk == 8 and cfg.model.sparse_config.block_size == 64
 
 
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        load_config("tiny-minicpm4", [
-            "model.hidden_sizee=64",            # unknown key
-            "model.num_hidden_layers=two",      # wrong type
-            "model.num_attention_heads=5",      # does not divide hidden size 64
-            "model.num_key_value_heads=3",      # does not divide heads
-            "model.mixer_types=[minicpm4, mamba, minicpm4]",  # wrong length + unknown mixer
-            "mesh.tensr=2",                     # unknown key in another section
-        ])
+        load_config(
+            "tiny-minicpm4",
+            [
+                "model.hidden_sizee=64",  # unknown key
+                "model.num_hidden_layers=two",  # wrong type
+                "model.num_attention_heads=5",  # does not divide hidden size 64
+                "model.num_key_value_heads=3",  # does not divide heads
+                "model.mixer_types=[minicpm4, mamba, minicpm4]",  # wrong length + unknown mixer
+                "mesh.tensr=2",  # unknown key in another section
+            ],
+        )
     text = str(info.value)
-    for needle in ("model.hidden_sizee: unknown key; allowed keys:", "hidden_size", "model.num_hidden_layers:",
-                   "'two'", "model.num_attention_heads: 5 does not divide model.hidden_size 64",
-                   "model.num_key_value_heads: 3 must be a positive divisor of num_attention_heads 5",
-                   "model.mixer_types: unknown mixer type(s) ['mamba']; allowed: ['minicpm4', 'lightning-attn']",
-                   "mesh.tensr: unknown key; allowed keys: data, fsdp, sequence, tensor"):
+    for needle in (
+        "model.hidden_sizee: unknown key; allowed keys:",
+        "hidden_size",
+        "model.num_hidden_layers:",
+        "'two'",
+        "model.num_attention_heads: 5 does not divide model.hidden_size 64",
+        "model.num_key_value_heads: 3 must be a positive divisor of num_attention_heads 5",
+        "model.mixer_types: unknown mixer type(s) ['mamba']; allowed: ['minicpm4', 'lightning-attn']",
+        "mesh.tensr: unknown key; allowed keys: data, fsdp, sequence, tensor",
+    ):
         assert needle in text, (needle, text)
     assert "model.rope_scaling.long_factor: has 8 values, head_dim/2 is 6" in text  # 64 // 5 = 12
     assert "has 3 entries" not in text  # the length rule needs a valid num_hidden_layers
@@ -77,8 +98,7 @@ def test_every_problem_reported_at_once():
 
 def test_mixer_length_mismatch():
     with pytest.raises(ConfigError, match=r"model.mixer_types: has 3 entries, num_hidden_layers is 2"):
-        build_config({"model": {**load_config("tiny-minicpm4").model.model_dump(),
-                                "mixer_types": ["minicpm4"] * 3}})
+        build_config({"model": {**load_config("tiny-minicpm4").model.model_dump(), "mixer_types": ["minicpm4"] * 3}})
 
 
 def test_unknown_preset_and_bad_override():
@@ -93,8 +113,10 @@ def test_unsupported_model_type():
         model_config_from_hf({"model_type": "qwen2", "hidden_size": 64})
 
 
-@pytest.mark.parametrize("name,official", [("minicpm4-0.5b", "minicpm4-0.5b.config.json"),
-                                           ("minicpm-sala-9b", "minicpm-sala-9b.config.json")])
+@pytest.mark.parametrize(
+    "name,official",
+    [("minicpm4-0.5b", "minicpm4-0.5b.config.json"), ("minicpm-sala-9b", "minicpm-sala-9b.config.json")],
+)
 def test_exported_config_json_has_official_fields(name, official):
     ours = model_config_to_hf(load_config(name).model)
     theirs = _official(official)

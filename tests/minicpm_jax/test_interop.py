@@ -23,11 +23,17 @@ def test_official_05b_key_names_and_shapes():
     """Exactly the key set and [out, in] shapes of spec/minicpm4.md 2.3 (tied: no lm_head.weight)."""
     entries = layout(abstract_model(load_config("minicpm4-0.5b").model))
     expected = {"model.embed_tokens.weight": (73448, 1024), "model.norm.weight": (1024,)}
-    per_layer = {"input_layernorm.weight": (1024,), "self_attn.q_proj.weight": (1024, 1024),
-                 "self_attn.k_proj.weight": (128, 1024), "self_attn.v_proj.weight": (128, 1024),
-                 "self_attn.o_proj.weight": (1024, 1024), "post_attention_layernorm.weight": (1024,),
-                 "mlp.gate_proj.weight": (4096, 1024), "mlp.up_proj.weight": (4096, 1024),
-                 "mlp.down_proj.weight": (1024, 4096)}
+    per_layer = {
+        "input_layernorm.weight": (1024,),
+        "self_attn.q_proj.weight": (1024, 1024),
+        "self_attn.k_proj.weight": (128, 1024),
+        "self_attn.v_proj.weight": (128, 1024),
+        "self_attn.o_proj.weight": (1024, 1024),
+        "post_attention_layernorm.weight": (1024,),
+        "mlp.gate_proj.weight": (4096, 1024),
+        "mlp.up_proj.weight": (4096, 1024),
+        "mlp.down_proj.weight": (1024, 4096),
+    }
     expected.update({f"model.layers.{i}.{k}": s for i in range(24) for k, s in per_layer.items()})
     assert {k: e.hf_shape for k, e in entries.items()} == expected
     untied = layout(abstract_model(load_config("minicpm4-8b").model))

@@ -61,7 +61,9 @@ def test_packed_segments_do_not_attend_across_documents():
 
 
 def test_mup_init_statistics():
-    cfg = load_config("tiny-minicpm4", ["model.hidden_size=256", "model.num_attention_heads=16", "model.intermediate_size=512"]).model
+    cfg = load_config(
+        "tiny-minicpm4", ["model.hidden_size=256", "model.num_attention_heads=16", "model.intermediate_size=512"]
+    ).model
     model = create_model(cfg, seed=0, dtype=jnp.float32)
     expected = cfg.initializer_range / np.sqrt(cfg.hidden_size / cfg.dim_model_base)
     for w in (model.model.layers[0].mlp.gate_proj.kernel, model.model.embed_tokens.weight):
@@ -86,5 +88,6 @@ def test_model_jits():
     model = create_model(cfg, dtype=jnp.float32)
     ids = jnp.ones((2, 8), jnp.int32)
     from flax import nnx
+
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, ids), model(ids), atol=1e-5)
     assert jax.eval_shape(lambda x: model(x), ids).shape == (2, 8, cfg.vocab_size)

@@ -28,7 +28,9 @@ def test_wsd_linear_cosine_constant_values():
     assert _lr(80, schedule="wsd_linear") == pytest.approx(0.01 * (1 - 0.95 * 0.5))
     assert _lr(100, schedule="wsd_linear") == pytest.approx(0.0005)
     p = (55 - 10) / 90
-    assert _lr(55, schedule="cosine") == pytest.approx(0.01 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))), rel=1e-5)
+    assert _lr(55, schedule="cosine") == pytest.approx(
+        0.01 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))), rel=1e-5
+    )
     assert _lr(100, schedule="cosine") == pytest.approx(0.0005, rel=1e-4)
     assert _lr(99, schedule="constant") == pytest.approx(0.01)
     with pytest.raises(ValueError, match="exceed train.steps"):

@@ -13,8 +13,10 @@ from minicpm_jax.model import abstract_model, create_model
 from minicpm_jax.model.cache import KVCache, LightningCache, cache_bytes
 from pallas_kernels.infllm_v2 import DecodeCache
 
-LIGHTNING_ONLY = ["model.mixer_types=[lightning-attn, lightning-attn, lightning-attn, lightning-attn, "
-                  "lightning-attn, lightning-attn, lightning-attn, lightning-attn]"]
+LIGHTNING_ONLY = [
+    "model.mixer_types=[lightning-attn, lightning-attn, lightning-attn, lightning-attn, "
+    "lightning-attn, lightning-attn, lightning-attn, lightning-attn]"
+]
 CASES = {  # prefill 56 tokens, decode to 76: crosses dense_len = 64 of the sparse presets
     "dense": ("tiny-minicpm4", []),
     "sparse-nope-select": ("tiny-minicpm4-sparse", ["model.sparse_config.use_nope=true"]),
@@ -50,8 +52,16 @@ def test_cache_kinds_shapes_and_errors():
     model = _model("hybrid")
     cache = model.init_cache(3, 100)
     kinds = [type(c) for c in cache.layers]
-    assert kinds == [DecodeCache, LightningCache, LightningCache, DecodeCache, LightningCache, LightningCache,
-                     DecodeCache, DecodeCache]
+    assert kinds == [
+        DecodeCache,
+        LightningCache,
+        LightningCache,
+        DecodeCache,
+        LightningCache,
+        LightningCache,
+        DecodeCache,
+        DecodeCache,
+    ]
     assert cache.layers[1].state.shape == (3, 4, 16, 16) and cache.layers[1].state.dtype == jnp.float32
     assert cache.layers[0].k.shape == (3, 100, 2, 16) and cache.capacity == 100
     cache = cache._replace(length=jnp.asarray(8, jnp.int32))  # as after a prefill of 8 tokens
@@ -84,7 +94,9 @@ def test_sala_9b_prefill_and_decode_trace_at_full_size():
     cache = jax.eval_shape(lambda: model.init_cache(1, 16384))
     ids = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
     logits, after = jax.eval_shape(lambda s, x, c: nnx.merge(graphdef, s).prefill(x, c), state, ids, cache)
-    assert logits.shape == (1, 73448) and jax.tree.map(lambda a: a.shape, after) == jax.tree.map(lambda a: a.shape, cache)
+    assert logits.shape == (1, 73448) and jax.tree.map(lambda a: a.shape, after) == jax.tree.map(
+        lambda a: a.shape, cache
+    )
     tok = jax.ShapeDtypeStruct((1,), jnp.int32)
     logits, _ = jax.eval_shape(lambda s, x, c: nnx.merge(graphdef, s).decode_step(x, c), state, tok, cache)
     assert logits.shape == (1, 73448)

@@ -51,12 +51,32 @@ def test_tiny_sala_keys_and_config_json(tmp_path):
     assert set(layout(abstract_model(cfg))) == _expected_keys(cfg.layer_mixers)
     hf = json.loads((out / "config.json").read_text())
     assert hf["model_type"] == "minicpm_sala" and hf["architectures"] == ["MiniCPMSALAForCausalLM"]
-    assert hf["auto_map"]["AutoModelForCausalLM"] == "openbmb/MiniCPM-SALA--modeling_minicpm_sala.MiniCPMSALAForCausalLM"
+    assert (
+        hf["auto_map"]["AutoModelForCausalLM"] == "openbmb/MiniCPM-SALA--modeling_minicpm_sala.MiniCPMSALAForCausalLM"
+    )
     assert hf["mixer_types"] == list(cfg.layer_mixers) and hf["tie_word_embeddings"] is False
-    assert hf["sparse_config"] == {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
-                                   "window_size": 32, "topk": 4, "use_nope": False, "dense_len": 64}
-    for key in ("lightning_nh", "lightning_nkv", "lightning_head_dim", "lightning_scale", "lightning_use_rope",
-                "attn_use_rope", "attn_use_output_gate", "qk_norm", "use_output_gate", "use_output_norm"):
+    assert hf["sparse_config"] == {
+        "kernel_size": 8,
+        "kernel_stride": 4,
+        "init_blocks": 1,
+        "block_size": 16,
+        "window_size": 32,
+        "topk": 4,
+        "use_nope": False,
+        "dense_len": 64,
+    }
+    for key in (
+        "lightning_nh",
+        "lightning_nkv",
+        "lightning_head_dim",
+        "lightning_scale",
+        "lightning_use_rope",
+        "attn_use_rope",
+        "attn_use_output_gate",
+        "qk_norm",
+        "use_output_gate",
+        "use_output_norm",
+    ):
         assert hf[key] == getattr(cfg, key), key
 
 

@@ -128,11 +128,13 @@ def test_gradients_of_default_kernels_match_reference_kernels(sala):
     def grads(m):
         def loss(m):
             return jnp.mean(jax.nn.log_softmax(m(ids))[0, jnp.arange(79), ids[0, 1:]])
+
         return jax.tree.leaves(nnx.grad(loss)(m))
 
     graphdef, state = nnx.split(model)
-    ref_graph = nnx.split(abstract_model(cfg, dtype=jnp.float32, attention_impl="reference",
-                                         lightning_impl="reference"))[0]
+    ref_graph = nnx.split(
+        abstract_model(cfg, dtype=jnp.float32, attention_impl="reference", lightning_impl="reference")
+    )[0]
     ref_model = nnx.merge(ref_graph, state)
     assert ref_model.model.layers[1].self_attn.implementation == "reference"
     for a, b in zip(grads(model), grads(ref_model), strict=True):

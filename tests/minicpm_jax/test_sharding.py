@@ -45,9 +45,14 @@ def test_sharded_forward_equals_unsharded_and_params_are_sharded():
 
 
 def test_mesh_that_does_not_divide_names_parameter_dim_and_axis():
-    cfg = load_config("tiny-minicpm4", ["model.num_attention_heads=2", "model.num_key_value_heads=1", "model.rope_scaling=null"]).model
+    cfg = load_config(
+        "tiny-minicpm4", ["model.num_attention_heads=2", "model.num_key_value_heads=1", "model.rope_scaling=null"]
+    ).model
     with pytest.raises(ValueError) as info:
         create_model(cfg, mesh=make_mesh(MeshConfig(fsdp=2, tensor=4)))
     text = str(info.value)
-    assert "model.layers.0.self_attn.q_proj.kernel: dimension 1 (heads=2) is not divisible by mesh axis tensor of size 4" in text
+    assert (
+        "model.layers.0.self_attn.q_proj.kernel: dimension 1 (heads=2) is not divisible by mesh axis tensor of size 4"
+        in text
+    )
     assert "model.layers.1.self_attn.o_proj.kernel: dimension 0 (heads=2)" in text

@@ -14,11 +14,14 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.torch
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("tiny-minicpm4", []),                                   # tied, short factors, GQA 2
-    ("tiny-minicpm4-longrope", []),                          # max_pos > original: long factors + mscale, untied
-    ("tiny-minicpm4", ["model.num_key_value_heads=4"]),      # MHA
-])
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("tiny-minicpm4", []),  # tied, short factors, GQA 2
+        ("tiny-minicpm4-longrope", []),  # max_pos > original: long factors + mscale, untied
+        ("tiny-minicpm4", ["model.num_key_value_heads=4"]),  # MHA
+    ],
+)
 def test_llama_export_matches_in_pytorch(preset, overrides, tmp_path):
     cfg = load_config(preset, overrides).model
     model = create_model(cfg, seed=11, dtype=jnp.float32)

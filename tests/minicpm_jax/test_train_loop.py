@@ -22,10 +22,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _cfg(out, *overrides):
-    return load_recipe(os.path.join(ROOT, RECIPE), [
-        f"train.output_dir={out}", "train.global_batch_size=8", "data.seq_len=64", "data.synthetic_documents=2000",
-        "optimizer.warmup_steps=2", "optimizer.decay_steps=4", "train.log_every=1", "train.eval_every=0",
-        *overrides])
+    return load_recipe(
+        os.path.join(ROOT, RECIPE),
+        [
+            f"train.output_dir={out}",
+            "train.global_batch_size=8",
+            "data.seq_len=64",
+            "data.synthetic_documents=2000",
+            "optimizer.warmup_steps=2",
+            "optimizer.decay_steps=4",
+            "train.log_every=1",
+            "train.eval_every=0",
+            *overrides,
+        ],
+    )
 
 
 def _final_params(out):
@@ -34,8 +44,9 @@ def _final_params(out):
 
 
 def test_loss_falls_on_synthetic_corpus(tmp_path):
-    summary = run_training(_cfg(tmp_path / "run", "train.steps=80", "optimizer.decay_steps=20",
-                                "train.checkpoint_every=80"))
+    summary = run_training(
+        _cfg(tmp_path / "run", "train.steps=80", "optimizer.decay_steps=20", "train.checkpoint_every=80")
+    )
     assert summary["steps"] == 80 and summary["skipped_steps"] == 0
     assert summary["last_loss"] < 0.6 * summary["first_loss"], summary
     assert summary["eval_loss"] < 0.6 * summary["first_loss"], summary
@@ -46,10 +57,24 @@ def test_loss_falls_on_synthetic_corpus(tmp_path):
 
 
 def _train_command(out, steps):
-    return [sys.executable, "-m", "minicpm_jax.cli", "train", "--config", RECIPE, f"train.output_dir={out}",
-            f"train.steps={steps}", "train.checkpoint_every=3", "train.global_batch_size=8", "data.seq_len=64",
-            "data.synthetic_documents=2000", "optimizer.warmup_steps=2", "optimizer.decay_steps=4",
-            "train.log_every=1", "train.eval_every=0"]
+    return [
+        sys.executable,
+        "-m",
+        "minicpm_jax.cli",
+        "train",
+        "--config",
+        RECIPE,
+        f"train.output_dir={out}",
+        f"train.steps={steps}",
+        "train.checkpoint_every=3",
+        "train.global_batch_size=8",
+        "data.seq_len=64",
+        "data.synthetic_documents=2000",
+        "optimizer.warmup_steps=2",
+        "optimizer.decay_steps=4",
+        "train.log_every=1",
+        "train.eval_every=0",
+    ]
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
@@ -57,8 +82,13 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     steps = 16
     subprocess.run(_train_command(tmp_path / "clean", steps), cwd=ROOT, env=env, check=True, capture_output=True)
     kill_at = int(np.random.default_rng().integers(5, 12))
-    proc = subprocess.Popen(_train_command(tmp_path / "crash", steps), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_command(tmp_path / "crash", steps),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         done = [r["step"] for r in read_metrics(tmp_path / "crash") if "loss" in r]
@@ -69,8 +99,9 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "crash" / "final").exists()
-    resumed = subprocess.run(_train_command(tmp_path / "crash", steps), cwd=ROOT, env=env, check=True,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        _train_command(tmp_path / "crash", steps), cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
     assert "resumed from" in resumed.stdout
     for a, b in zip(_final_params(tmp_path / "clean"), _final_params(tmp_path / "crash")):
         np.testing.assert_array_equal(a, b)
@@ -93,23 +124,37 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, caplog):
 def test_resume_on_a_different_mesh(tmp_path):
     out = tmp_path / "run"
     run_training(_cfg(out, "train.steps=3", "train.checkpoint_every=3", "mesh.fsdp=8", "optimizer.decay_steps=1"))
-    summary = run_training(_cfg(out, "train.steps=5", "train.checkpoint_every=3", "mesh.data=2", "mesh.fsdp=2", "optimizer.decay_steps=1",
-                                "mesh.tensor=2"))
+    summary = run_training(
+        _cfg(
+            out,
+            "train.steps=5",
+            "train.checkpoint_every=3",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "optimizer.decay_steps=1",
+            "mesh.tensor=2",
+        )
+    )
     assert summary["steps"] == 5 and np.isfinite(summary["last_loss"])
 
 
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     out = tmp_path / "run"
-    run_training(_cfg(out, "train.steps=2", "train.checkpoint_every=2", "optimizer.warmup_steps=0", "optimizer.decay_steps=0"))
+    run_training(
+        _cfg(out, "train.steps=2", "train.checkpoint_every=2", "optimizer.warmup_steps=0", "optimizer.decay_steps=0")
+    )
 
     def nan_loss(model, batch):
         from minicpm_jax.train.loss import next_token_loss
+
         loss_sum, aux = next_token_loss(model, batch)
         return loss_sum * np.nan, aux
 
     with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite steps .* at step 5"):
-        run_training(_cfg(out, "train.steps=10", "train.max_consecutive_nonfinite=3", "train.checkpoint_every=100"),
-                     loss_fn=nan_loss)
+        run_training(
+            _cfg(out, "train.steps=10", "train.max_consecutive_nonfinite=3", "train.checkpoint_every=100"),
+            loss_fn=nan_loss,
+        )
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     skipped = [r["skipped_steps"] for r in read_metrics(out) if "skipped_steps" in r]
     assert skipped[-2:] == [1.0, 2.0]
@@ -117,9 +162,19 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
 
 def test_init_from_exported_checkpoint(tmp_path):
     """Continue from a Hugging Face export: the first loss is the exported model's loss, not a fresh one's."""
-    first = run_training(_cfg(tmp_path / "a", "train.steps=40", "optimizer.decay_steps=10", "train.checkpoint_every=40"))
+    first = run_training(
+        _cfg(tmp_path / "a", "train.steps=40", "optimizer.decay_steps=10", "train.checkpoint_every=40")
+    )
     cfg, model = load_model(tmp_path / "a" / "final")
     save_hf_checkpoint(model, cfg, tmp_path / "hf", dtype="float32")
-    second = run_training(_cfg(tmp_path / "b", "train.steps=2", "optimizer.warmup_steps=0", "optimizer.decay_steps=0",
-                               f"train.init_from={tmp_path / 'hf'}", "train.checkpoint_every=2"))
+    second = run_training(
+        _cfg(
+            tmp_path / "b",
+            "train.steps=2",
+            "optimizer.warmup_steps=0",
+            "optimizer.decay_steps=0",
+            f"train.init_from={tmp_path / 'hf'}",
+            "train.checkpoint_every=2",
+        )
+    )
     assert second["first_loss"] < 0.8 * first["first_loss"]

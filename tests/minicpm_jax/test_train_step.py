@@ -15,8 +15,10 @@ from minicpm_jax.train.step import accumulate_gradients, check_batch
 
 
 def _cfg(*overrides):
-    return load_config("tiny-minicpm4", ["dtype=float32", "train.steps=10", "optimizer.warmup_steps=0",
-                                         "optimizer.clip_norm=null", *overrides])
+    return load_config(
+        "tiny-minicpm4",
+        ["dtype=float32", "train.steps=10", "optimizer.warmup_steps=0", "optimizer.clip_norm=null", *overrides],
+    )
 
 
 def _batch(rows=8, seq=16, vocab=512, seed=0):
@@ -36,6 +38,7 @@ def _grads(trainer, batch):
     def objective(p):
         s, (w, _) = _loss(_cfg())(trainer.model(p), batch)
         return s / w
+
     return jax.grad(objective)(trainer.state["params"])
 
 
@@ -66,13 +69,15 @@ def test_accumulated_gradient_equals_full_batch(remat):
     reference = _grads(trainer, batch)
     for micro in (1, 4):
         grads, loss, weight = jax.jit(accumulate_gradients, static_argnums=(0, 1, 4))(
-            trainer.graphdef, _loss(cfg), params, batch, micro)
+            trainer.graphdef, _loss(cfg), params, batch, micro
+        )
         assert weight == batch["loss_mask"].sum()
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
             np.testing.assert_allclose(g, r, atol=1e-5)
     one = create_trainer(cfg, _one_device(), _loss(cfg))
-    four = create_trainer(_cfg(f"train.remat={remat}", "optimizer.schedule=constant", "train.micro_batches=4"),
-                          _one_device(), _loss(cfg))
+    four = create_trainer(
+        _cfg(f"train.remat={remat}", "optimizer.schedule=constant", "train.micro_batches=4"), _one_device(), _loss(cfg)
+    )
     (_, m1), (_, m4) = one.train_step(one.state, batch), four.train_step(four.state, batch)
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
@@ -86,7 +91,8 @@ def test_sharded_step_equals_single_device(mesh_cfg):
     for name, mesh in (("one", _one_device()), ("many", make_mesh(mesh_cfg))):
         trainer = create_trainer(cfg, mesh, _loss(cfg))
         grads, _, _ = jax.jit(accumulate_gradients, static_argnums=(0, 1, 4))(
-            trainer.graphdef, _loss(cfg), trainer.state["params"], batch, 2)
+            trainer.graphdef, _loss(cfg), trainer.state["params"], batch, 2
+        )
         state, metrics = trainer.train_step(trainer.state, batch)
         out[name] = (grads, state, metrics)
     (g1, s1, m1), (g8, s8, m8) = out["one"], out["many"]

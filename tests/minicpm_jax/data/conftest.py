@@ -22,8 +22,16 @@ def data_cfg(**overrides) -> DataConfig:
 def one_pass(cfg, tok=None, batch=4, **kw) -> list[dict]:
     """Every batch of one epoch (last partial batch kept)."""
     tok = tok or build_tokenizer(None)
-    ds = train_dataset(cfg, tokenizer=tok, global_batch_size=batch, vocab_size=VOCAB,
-                       max_position_embeddings=MAX_POS, num_epochs=1, drop_remainder=False, **kw)
+    ds = train_dataset(
+        cfg,
+        tokenizer=tok,
+        global_batch_size=batch,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_POS,
+        num_epochs=1,
+        drop_remainder=False,
+        **kw,
+    )
     return list(ds)
 
 
@@ -56,5 +64,11 @@ def check_packing(b) -> None:
 @pytest.fixture
 def h():
     """The helpers above as one namespace."""
-    return types.SimpleNamespace(data_cfg=data_cfg, one_pass=one_pass, segments=segments,
-                                 check_packing=check_packing, VOCAB=VOCAB, MAX_POS=MAX_POS)
+    return types.SimpleNamespace(
+        data_cfg=data_cfg,
+        one_pass=one_pass,
+        segments=segments,
+        check_packing=check_packing,
+        VOCAB=VOCAB,
+        MAX_POS=MAX_POS,
+    )

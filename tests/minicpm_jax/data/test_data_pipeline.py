@@ -17,8 +17,9 @@ TOK = build_tokenizer(None)
 
 
 def _iterator(h, cfg, batch=4, **kw):
-    return make_train_iterator(cfg, tokenizer=TOK, global_batch_size=batch, vocab_size=h.VOCAB,
-                               max_position_embeddings=h.MAX_POS, **kw)
+    return make_train_iterator(
+        cfg, tokenizer=TOK, global_batch_size=batch, vocab_size=h.VOCAB, max_position_embeddings=h.MAX_POS, **kw
+    )
 
 
 def _take(it, n):
@@ -35,7 +36,7 @@ def _expected_chunks(cfg, indices, seq_len):
     out = []
     for i in indices:
         ids = TOK.encode(src[int(i)], add_bos=True, add_eos=True)
-        out += [tuple(ids[j:j + seq_len]) for j in range(0, len(ids), seq_len)]
+        out += [tuple(ids[j : j + seq_len]) for j in range(0, len(ids), seq_len)]
     return out
 
 

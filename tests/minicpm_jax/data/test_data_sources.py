@@ -21,7 +21,7 @@ def _segments_and_expected(h, cfg) -> tuple[Counter, Counter]:
     expected = []
     for doc in DOCS:
         ids = TOK.encode(doc, add_bos=True, add_eos=True)
-        expected += [tuple(ids[i:i + cfg.seq_len]) for i in range(0, len(ids), cfg.seq_len)]
+        expected += [tuple(ids[i : i + cfg.seq_len]) for i in range(0, len(ids), cfg.seq_len)]
     return Counter(h.segments(h.one_pass(cfg))), Counter(expected)
 
 
@@ -39,8 +39,7 @@ def test_jsonl_round_trip_over_two_files_and_glob(h, tmp_path):
 
 
 def test_parquet_round_trip(h, tmp_path):
-    pq.write_table(pa.table({"text": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "d.parquet",
-                   row_group_size=2)
+    pq.write_table(pa.table({"text": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "d.parquet", row_group_size=2)
     got, expected = _segments_and_expected(h, _cfg(h, "parquet", [tmp_path / "d.parquet"]))
     assert got == expected
 
@@ -108,8 +107,9 @@ def test_wrong_text_field_and_bad_records(h, tmp_path):
 def test_model_and_batch_checks(h):
     with pytest.raises(ValueError, match="seq_len: 2048 is larger than model.max_position_embeddings 1024"):
         _make(h, h.data_cfg(seq_len=2048))
-    with pytest.raises(ValueError, match="global_batch_size: 6 must be a positive multiple of the number "
-                                         "of processes \\(4\\)"):
+    with pytest.raises(
+        ValueError, match="global_batch_size: 6 must be a positive multiple of the number of processes \\(4\\)"
+    ):
         _make(h, h.data_cfg(), batch=6, process_count=4)
     with pytest.raises(ValueError, match="vocabulary of 259 tokens.*larger than model.vocab_size 200"):
         _make(h, h.data_cfg(), vocab_size=200)

@@ -21,14 +21,16 @@ def _bpe(directory: Path, eos_name: str | None = "</s>") -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 5, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     if eos_name:
-        (directory / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<s>", "eos_token": {"content": eos_name}, "pad_token": None}))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps({"bos_token": "<s>", "eos_token": {"content": eos_name}, "pad_token": None})
+        )
     return directory / "tokenizer.json"
 
 
@@ -93,8 +95,7 @@ def test_training_batches_through_hf_tokenizer(h, tmp_path):
     texts = Counter(tok.decode(seg) for seg in h.segments(h.one_pass(cfg, tok=tok)))
     assert len(texts) == 3 and set(texts) < set(CORPUS)
     with pytest.raises(ValueError, match="vocabulary of 300 tokens"):
-        make_train_iterator(cfg, tokenizer=tok, global_batch_size=4, vocab_size=256,
-                            max_position_embeddings=64)
+        make_train_iterator(cfg, tokenizer=tok, global_batch_size=4, vocab_size=256, max_position_embeddings=64)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from infllm_testutil import inputs, jitted, overlap, rel_err, small_config
 from pallas_kernels.infllm_v2 import InfLLMv2Config, block_sparse_attention, infllm_v2_attention
-from pallas_kernels.infllm_v2 import attention_blocks, reference, select_blocks
+from pallas_kernels.infllm_v2 import attention_blocks, select_blocks
 
 IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
 
