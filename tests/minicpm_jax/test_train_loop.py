@@ -21,21 +21,20 @@ RECIPE = "configs/recipes/pretrain-tiny.yaml"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# a short run of the tiny recipe, shared by the in-process and the subprocess tests
+SMALL_RUN = [
+    "train.global_batch_size=8",
+    "data.seq_len=64",
+    "data.synthetic_documents=2000",
+    "optimizer.warmup_steps=2",
+    "optimizer.decay_steps=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+]
+
+
 def _cfg(out, *overrides):
-    return load_recipe(
-        os.path.join(ROOT, RECIPE),
-        [
-            f"train.output_dir={out}",
-            "train.global_batch_size=8",
-            "data.seq_len=64",
-            "data.synthetic_documents=2000",
-            "optimizer.warmup_steps=2",
-            "optimizer.decay_steps=4",
-            "train.log_every=1",
-            "train.eval_every=0",
-            *overrides,
-        ],
-    )
+    return load_recipe(os.path.join(ROOT, RECIPE), [f"train.output_dir={out}", *SMALL_RUN, *overrides])
 
 
 def _final_params(out):
@@ -67,13 +66,7 @@ def _train_command(out, steps):
         f"train.output_dir={out}",
         f"train.steps={steps}",
         "train.checkpoint_every=3",
-        "train.global_batch_size=8",
-        "data.seq_len=64",
-        "data.synthetic_documents=2000",
-        "optimizer.warmup_steps=2",
-        "optimizer.decay_steps=4",
-        "train.log_every=1",
-        "train.eval_every=0",
+        *SMALL_RUN,
     ]
 
 
