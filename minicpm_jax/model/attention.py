@@ -67,15 +67,7 @@ def infllm_config(cfg: ModelConfig) -> InfLLMv2Config | None:
     sc = cfg.sparse_config
     if sc is None:
         return None
-    return InfLLMv2Config(
-        kernel_size=sc.kernel_size,
-        kernel_stride=sc.kernel_stride,
-        block_size=sc.block_size,
-        init_blocks=sc.init_blocks,
-        window_size=sc.window_size,
-        topk=sc.topk,
-        dense_len=sc.dense_len,
-    )
+    return InfLLMv2Config(**sc.model_dump(exclude={"use_nope"}))
 
 
 def separate_select_keys(cfg: ModelConfig) -> bool:

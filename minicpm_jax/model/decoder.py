@@ -150,13 +150,8 @@ class MiniCPMForCausalLM(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """fp32 logits of final hidden states: ``lm_head(h / (hidden/dim_model_base))``."""
         h = h / jnp.asarray(self.config.logit_divisor, h.dtype)
-        if self.lm_head is None:
-            w = self.model.embed_tokens.weight[...].astype(self.dtype)
-            out = jnp.einsum("bth,vh->btv", h, w, preferred_element_type=jnp.float32)
-        else:
-            out = jnp.einsum(
-                "bth,hv->btv", h, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
-            )
+        w = self.model.embed_tokens.weight[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        out = jnp.einsum("bth,hv->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
     def __call__(
@@ -172,23 +167,31 @@ class MiniCPMForCausalLM(nnx.Module):
         layers = tuple(layer.self_attn.init_cache(batch, capacity, dtype) for layer in self.model.layers)
         return ModelCache(jnp.zeros((), jnp.int32), layers)
 
-    def step(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
-        """Appends ``input_ids [B, T]`` at positions ``cache.length + arange(T)``: ``(logits [B, T, V], cache)``.
-
-        Sparse (InfLLM v2) layers accept a multi-token step only on an empty cache (the prefill).
-        """
+    def _extend(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+        """Hidden states of ``input_ids [B, T]`` appended at positions ``cache.length + arange(T)``."""
         b, t = input_ids.shape
         check_room(cache, t)
         if t > 1 and any(isinstance(c, DecodeCache) for c in cache.layers):
             check_prefill(cache.length)
         positions = jnp.broadcast_to(cache.length + jnp.arange(t), (b, t))
         h, layers = self._run(input_ids, positions, None, cache.layers)
-        return self.logits(h), ModelCache(cache.length + t, layers)
+        return h, ModelCache(cache.length + t, layers)
+
+    def step(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+        """Appends ``input_ids [B, T]`` at positions ``cache.length + arange(T)``: ``(logits [B, T, V], cache)``.
+
+        Sparse (InfLLM v2) layers accept a multi-token step only on an empty cache (the prefill).
+        """
+        h, cache = self._extend(input_ids, cache)
+        return self.logits(h), cache
 
     def prefill(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
-        """Fills an empty cache with a prompt ``[B, T]``: ``(last-position logits [B, V], cache)``."""
-        logits, cache = self.step(input_ids, cache)
-        return logits[:, -1], cache
+        """Fills an empty cache with a prompt ``[B, T]``: ``(last-position logits [B, V], cache)``.
+
+        Only the last position goes through the LM head.
+        """
+        h, cache = self._extend(input_ids, cache)
+        return self.logits(h[:, -1:])[:, 0], cache
 
     def decode_step(self, token_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
         """One token per row ``[B]``: ``(logits [B, V], cache)``, equal to the full forward's last row."""

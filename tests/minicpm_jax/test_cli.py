@@ -60,26 +60,17 @@ def test_train_plan_on_tiny_model(capsys):
     assert code == 0 and "tensor=4" in out and "8 x 64" in out and "compile s" in out
 
 
-def test_train_command_errors(capsys, tmp_path):
-    code, out = run(
-        capsys,
-        "train",
-        "--config",
-        "configs/recipes/pretrain-tiny.yaml",
-        f"train.output_dir={tmp_path}",
-        "data.seq_len=4096",
-    )
-    assert code == 2 and "seq_len" in out and "max_position_embeddings" in out
-    code, out = run(
-        capsys,
-        "train",
-        "--config",
-        "configs/recipes/pretrain-tiny.yaml",
-        f"train.output_dir={tmp_path}",
-        "mesh.fsdp=8",
-        "train.global_batch_size=12",
-    )
-    assert code == 2 and "not divisible by the data axes" in out
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["data.seq_len=4096"], "max_position_embeddings"),
+        (["mesh.fsdp=8", "train.global_batch_size=12"], "not divisible by the data axes"),
+    ],
+)
+def test_train_command_errors(capsys, tmp_path, overrides, expected):
+    recipe = "configs/recipes/pretrain-tiny.yaml"
+    code, out = run(capsys, "train", "--config", recipe, f"train.output_dir={tmp_path}", *overrides)
+    assert code == 2 and expected in out
 
 
 def test_export_import_commands(capsys, tmp_path):
