@@ -22,6 +22,7 @@ from pallas_kernels.infllm_v2 import (
     DecodeCache,
     InfLLMv2Config,
     decode_step,
+    dense_causal_attention,
     infllm_v2_attention,
     init_cache,
     prefill_cache,
@@ -51,14 +52,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, d)
 
 
-def kv_attend(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Appends k/v ``[B, T, Hkv, D]`` at ``cache.length`` and attends q ``[B, T, Hq, D]`` causally over the cache."""
-    b, t = q.shape[:2]
-    start = cache.length
-    upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start, axis=1)
-    cache = KVCache(start + t, upd(cache.k, k), upd(cache.v, v))
-    qpos = start + jnp.arange(t)
-    mask = jnp.broadcast_to(jnp.arange(cache.k.shape[1])[None, :] <= qpos[:, None], (b, t, cache.k.shape[1]))
+def kv_attend(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
+    """Writes k/v ``[B, T, Hkv, D]`` at slots ``positions [B, T]`` and attends q ``[B, T, Hq, D]`` causally
+    over the cache (slot s is visible to the query at position p iff s <= p); returns ``(out, cache)``.
+    Slots past the capacity are dropped."""
+    rows = jnp.arange(q.shape[0])[:, None]
+    upd = lambda buf, x: buf.at[rows, positions].set(x.astype(buf.dtype), mode="drop")
+    cache = KVCache(upd(cache.k, k), upd(cache.v, v))
+    mask = jnp.arange(cache.k.shape[1])[None, None, :] <= positions[:, :, None]
     return dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask), cache
 
 
@@ -139,23 +140,37 @@ class Attention(nnx.Module):
             implementation=self.implementation,
         )
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None):
+    def _prefill_attend(self, q, k, v, q_sel, k_sel, valid) -> jax.Array:
+        """Prefill of right-padded rows with ``valid [B]`` real tokens: a row shorter than ``dense_len``
+        is computed densely even when the padded length reaches it, as it would be alone."""
+        o = self._attend(q, k, v, q_sel, k_sel, None)
+        if self.sparse.is_dense(q.shape[1]) or self.sparse.dense_len <= 0:
+            return o
+        short = valid < self.sparse.dense_len
+        return jax.lax.cond(
+            jnp.any(short),
+            lambda: jnp.where(short[:, None, None, None], dense_causal_attention(q, k, v), o),
+            lambda: o,
+        )
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None, valid=None):
         """``(output, cache)``; ``cache`` is None (plain forward), a ``KVCache`` or an InfLLM v2 ``DecodeCache``.
 
+        ``valid [B]``: real tokens at the start of each row of a cached call (the rest is padding).
         With a ``DecodeCache`` a one-token input is a decode step and a longer one a prefill of an
-        empty cache; a ``KVCache`` appends any number of tokens.
+        empty cache; a ``KVCache`` appends any number of tokens at ``positions``.
         """
         q, k, v, q_sel, k_sel = self._qkv(x, positions)
         if cache is None:
             o = self._attend(q, k, v, q_sel, k_sel, segment_ids)
         elif isinstance(cache, KVCache):
-            o, cache = kv_attend(cache, q, k, v)
+            o, cache = kv_attend(cache, q, k, v, positions)
         elif isinstance(cache, DecodeCache) and x.shape[1] == 1:
             o, cache = decode_step(cache, q, k, v, config=self.sparse, q_select=q_sel, k_select=k_sel)
         else:
             check_prefill(cache.length)
-            o = self._attend(q, k, v, q_sel, k_sel, None)
-            cache = prefill_cache(cache, k, v, config=self.sparse, k_select=k_sel)
+            o = self._prefill_attend(q, k, v, q_sel, k_sel, valid)
+            cache = prefill_cache(cache, k, v, config=self.sparse, k_select=k_sel, lengths=valid)
         if self.o_gate is not None:
             o = o * jax.nn.sigmoid(self.o_gate(x))
         return self.o_proj(o), cache

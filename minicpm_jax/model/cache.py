@@ -5,9 +5,11 @@
   compressed K1/K2 caches and their pending-key buffers; dense below ``dense_len``).
 - ``LightningCache``: ``"lightning-attn"`` layers, the fp32 state ``[B, H, Dk, Dv]`` (length-independent).
 
-``ModelCache.length`` counts the tokens already in the cache (same for every row of the batch: no
-left/right padding); positions of new tokens are ``length + arange(T)``. The mixers build their own
-layer caches (``init_cache``) and update them when called with one.
+Every row has its own length: slot ``p`` of a row holds its token at position ``p`` (prompts of
+different lengths are right-padded; slots past a row's length hold garbage that nothing reads).
+``ModelCache.length [B]`` counts each row's tokens; the positions of new tokens are
+``length[:, None] + arange(T)``. The mixers build their own layer caches (``init_cache``) and update
+them when called with one.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.sharding import constrain
 
 
 class KVCache(NamedTuple):
-    """Plain KV cache of a dense softmax layer."""
+    """Plain KV cache of a dense softmax layer; slot p holds the row's token at position p."""
 
-    length: jax.Array  # int32 [], tokens cached
     k: jax.Array  # [B, capacity, Hkv, D]
     v: jax.Array  # [B, capacity, Hkv, D]
 
@@ -35,9 +38,9 @@ class LightningCache(NamedTuple):
 
 
 class ModelCache(NamedTuple):
-    """Per-layer caches of a whole model and the number of tokens they hold."""
+    """Per-layer caches of a whole model and the number of tokens each row holds."""
 
-    length: jax.Array  # int32 []
+    length: jax.Array  # int32 [B]
     layers: tuple[Any, ...]
 
     @property
@@ -47,35 +50,50 @@ class ModelCache(NamedTuple):
         return min(caps) if caps else None
 
 
-def _concrete(x) -> int | None:
-    """``int(x)`` if x is a concrete value, None under tracing."""
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as a NumPy array if it is concrete, None under tracing."""
     try:
-        return int(x)
-    except (jax.errors.ConcretizationTypeError, TypeError):
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
         return None
 
 
 def check_prefill(length: jax.Array) -> None:
     """A multi-token call on an InfLLM v2 cache must start from an empty cache (checked when concrete)."""
     n = _concrete(length)
-    if n not in (None, 0):
+    if n is not None and n.any():
         raise ValueError(
             f"a multi-token step on a sparse (InfLLM v2) layer cache needs an empty cache, "
-            f"this one holds {n} tokens: prefill once, then decode one token at a time"
+            f"this one holds {int(n.max())} tokens: prefill once, then decode one token at a time"
         )
 
 
 def check_room(cache: ModelCache, new_tokens: int) -> None:
-    """Raises when ``new_tokens`` more do not fit (checked when the length is concrete)."""
+    """Raises when ``new_tokens`` more do not fit (checked when the lengths are concrete)."""
     n, cap = _concrete(cache.length), cache.capacity
-    if n is not None and cap is not None and n + new_tokens > cap:
-        raise ValueError(f"decode cache capacity {cap} exceeded: holds {n} tokens, {new_tokens} more given")
+    if n is not None and cap is not None and int(n.max()) + new_tokens > cap:
+        raise ValueError(f"decode cache capacity {cap} exceeded: holds {int(n.max())} tokens, {new_tokens} more given")
 
 
 def init_kv_cache(batch: int, capacity: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
     """An empty ``KVCache``."""
     z = jnp.zeros((batch, capacity, kv_heads, head_dim), dtype)
-    return KVCache(jnp.zeros((), jnp.int32), z, z)
+    return KVCache(z, z)
+
+
+def constrain_cache(cache: ModelCache) -> ModelCache:
+    """Sharding constraints for a cache (a no-op without a mesh): rows over the data axes and the
+    Lightning states' heads over ``tensor``; K/V heads are replicated, like the KV projections."""
+
+    def leaf(x):
+        return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x
+
+    def layer(c):
+        if isinstance(c, LightningCache):
+            return LightningCache(constrain(c.state, ("batch", "act_heads", None, None)))
+        return jax.tree.map(leaf, c)
+
+    return ModelCache(leaf(cache.length), tuple(layer(c) for c in cache.layers))
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> int:

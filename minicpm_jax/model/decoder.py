@@ -13,14 +13,13 @@ from flax import nnx
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.attention import Attention
-from minicpm_jax.model.cache import ModelCache, check_prefill, check_room
-from minicpm_jax.model.lightning import LightningAttention
+from minicpm_jax.model.cache import ModelCache, check_prefill, check_room, constrain_cache
 from minicpm_jax.model.layers import MLP, Embed, Linear, RMSNorm, mup_init_std
+from minicpm_jax.model.lightning import LightningAttention
 from minicpm_jax.sharding import constrain
 from pallas_kernels.infllm_v2 import IMPLEMENTATIONS as INFLLM_IMPLS
 from pallas_kernels.infllm_v2 import DecodeCache
 from pallas_kernels.lightning import IMPLEMENTATIONS as LIGHTNING_IMPLS
-
 
 MIXERS = {"minicpm4": Attention, "lightning-attn": LightningAttention}
 # Activation rematerialisation per decoder layer ("full" saves only each layer's input).
@@ -48,9 +47,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-    def __call__(self, x, positions, segment_ids, cache=None):
+    def __call__(self, x, positions, segment_ids, cache=None, valid=None):
         """``(x, cache)``: the layer output and the mixer's updated cache (None without one)."""
-        h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache)
+        h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, valid)
         x = x + h * self.residual_scale
         x = x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
         return constrain(x, ("batch", "act_seq", "act_embed")), cache
@@ -114,7 +113,7 @@ class MiniCPMForCausalLM(nnx.Module):
             None if cfg.tie_word_embeddings else Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw)
         )
 
-    def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none"):
+    def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none", valid=None):
         """Final-norm hidden states and the updated per-layer caches (``caches``: None or one per layer)."""
         b, t = input_ids.shape
         if positions is None:
@@ -123,7 +122,7 @@ class MiniCPMForCausalLM(nnx.Module):
         x = constrain(x, ("batch", "act_seq", "act_embed"))
 
         def run(layer, x, cache):
-            return layer(x, positions, segment_ids, cache)
+            return layer(x, positions, segment_ids, cache, valid)
 
         if remat != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[remat])
@@ -162,36 +161,41 @@ class MiniCPMForCausalLM(nnx.Module):
     # ----- decoding with caches (minicpm_jax.model.cache) -----
 
     def init_cache(self, batch: int, capacity: int, dtype=None) -> ModelCache:
-        """An empty decode cache for up to ``capacity`` tokens (K/V in ``dtype``, default the compute dtype)."""
+        """An empty decode cache for up to ``capacity`` tokens per row (K/V in ``dtype``, default the compute dtype)."""
         dtype = dtype or self.dtype
         layers = tuple(layer.self_attn.init_cache(batch, capacity, dtype) for layer in self.model.layers)
-        return ModelCache(jnp.zeros((), jnp.int32), layers)
+        return constrain_cache(ModelCache(jnp.zeros((batch,), jnp.int32), layers))
 
-    def _extend(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
-        """Hidden states of ``input_ids [B, T]`` appended at positions ``cache.length + arange(T)``."""
-        b, t = input_ids.shape
+    def _extend(self, input_ids: jax.Array, cache: ModelCache, valid: jax.Array | None):
+        """Hidden states of ``input_ids [B, T]`` at positions ``cache.length[:, None] + arange(T)``."""
+        t = input_ids.shape[1]
         check_room(cache, t)
         if t > 1 and any(isinstance(c, DecodeCache) for c in cache.layers):
             check_prefill(cache.length)
-        positions = jnp.broadcast_to(cache.length + jnp.arange(t), (b, t))
-        h, layers = self._run(input_ids, positions, None, cache.layers)
-        return h, ModelCache(cache.length + t, layers)
+        positions = cache.length[:, None] + jnp.arange(t)[None, :]
+        h, layers = self._run(input_ids, positions, None, cache.layers, valid=valid)
+        return h, constrain_cache(ModelCache(cache.length + (t if valid is None else valid), layers))
 
-    def step(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
-        """Appends ``input_ids [B, T]`` at positions ``cache.length + arange(T)``: ``(logits [B, T, V], cache)``.
+    def step(
+        self, input_ids: jax.Array, cache: ModelCache, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, ModelCache]:
+        """Appends ``input_ids [B, T]`` after each row's cached tokens: ``(logits [B, T, V], cache)``.
 
-        Sparse (InfLLM v2) layers accept a multi-token step only on an empty cache (the prefill).
+        ``valid [B]`` (default T): real tokens at the start of each row; the rest is right padding,
+        whose outputs are meaningless and which does not count in the row's length. Sparse (InfLLM v2)
+        layers accept a multi-token step only on an empty cache (the prefill).
         """
-        h, cache = self._extend(input_ids, cache)
+        h, cache = self._extend(input_ids, cache, valid)
         return self.logits(h), cache
 
-    def prefill(self, input_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
-        """Fills an empty cache with a prompt ``[B, T]``: ``(last-position logits [B, V], cache)``.
-
-        Only the last position goes through the LM head.
-        """
-        h, cache = self._extend(input_ids, cache)
-        return self.logits(h[:, -1:])[:, 0], cache
+    def prefill(
+        self, input_ids: jax.Array, cache: ModelCache, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, ModelCache]:
+        """Fills an empty cache with right-padded prompts ``[B, T]`` of ``valid [B]`` tokens (default T):
+        ``(logits at each row's last prompt token [B, V], cache)``. Only those positions go through the LM head."""
+        h, cache = self._extend(input_ids, cache, valid)
+        last = jnp.full((h.shape[0],), h.shape[1] - 1) if valid is None else valid - 1
+        return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1))[:, 0], cache
 
     def decode_step(self, token_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
         """One token per row ``[B]``: ``(logits [B, V], cache)``, equal to the full forward's last row."""

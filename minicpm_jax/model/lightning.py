@@ -45,9 +45,15 @@ class LightningAttention(nnx.Module):
         return LightningCache(jnp.zeros((batch, nh, hd, hd), jnp.float32))
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LightningCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        cache: LightningCache | None = None,
+        valid: jax.Array | None = None,
     ):
-        """``(output, cache)``: with a cache the recurrence starts from its state and returns the new one."""
+        """``(output, cache)``: with a cache the recurrence starts from its state and returns the state
+        after each row's first ``valid [B]`` tokens (default all; the rest is right padding)."""
         if segment_ids is not None:
             raise ValueError(
                 "segment_ids (packed documents) are not supported by lightning-attn layers: "
@@ -70,19 +76,14 @@ class LightningAttention(nnx.Module):
             o = lightning_attention(q, k, v, log_decay, scale=hd**-0.5, implementation=self.implementation)
         elif x.shape[1] == 1:
             o, state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=hd**-0.5)
+            if valid is not None:
+                state = jnp.where((valid > 0)[:, None, None, None], state, cache.state)
             o, cache = o[:, None], LightningCache(state)
         else:
-            o, state = lightning_attention(
-                q,
-                k,
-                v,
-                log_decay,
-                scale=hd**-0.5,
-                initial_state=cache.state,
-                return_final_state=True,
-                implementation=self.implementation,
+            o = lightning_attention(
+                q, k, v, log_decay, scale=hd**-0.5, initial_state=cache.state, implementation=self.implementation
             )
-            cache = LightningCache(state)
+            cache = LightningCache(state_after(cache.state, k, v, log_decay, valid))
         b, t = x.shape[:2]
         o = o.reshape(b, t, nh * hd).astype(self.dtype)
         if self.o_norm is not None:
@@ -90,3 +91,15 @@ class LightningAttention(nnx.Module):
         if self.z_proj is not None:
             o = o * jax.nn.sigmoid(self.z_proj(x)).reshape(b, t, nh * hd)
         return self.o_proj(o.reshape(b, t, nh, hd)), cache
+
+
+def state_after(state: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, valid: jax.Array | None):
+    """Lightning state after each row's first ``valid [B]`` tokens of k/v ``[B, T, H, D]`` (fp32):
+    ``S = exp(g n) S0 + sum_{i<n} exp(g (n-1-i)) k_i v_i^T``, skipping the padding after them."""
+    t = k.shape[1]
+    n = jnp.full((k.shape[0],), t) if valid is None else valid
+    age = (n[:, None] - 1 - jnp.arange(t)[None, :]).astype(jnp.float32)  # [B, T]
+    g = log_decay.astype(jnp.float32)[None, :, None]  # [1, H, 1]
+    w = jnp.exp(jnp.where((age >= 0)[:, None, :], g * age[:, None, :], -jnp.inf))  # [B, H, T]
+    carry = jnp.exp(g[..., 0] * n[:, None].astype(jnp.float32))[..., None, None]  # [B, H, 1, 1]
+    return carry * state + jnp.einsum("bht,bthk,bthv->bhkv", w, k, v)
