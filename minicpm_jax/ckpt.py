@@ -1,10 +1,13 @@
-"""Native model checkpoints: ``model.yaml`` (the model config) + ``params/`` (an orbax checkpoint).
+"""Native model checkpoints: ``model.yaml`` (the model config) + ``params/`` (an orbax checkpoint), and the
+tokenizer the model was trained with (its files, or ``byte_tokenizer.json``) + ``generation_config.json``.
 
 Restoring places every parameter directly onto its sharding for the given mesh.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -18,21 +21,55 @@ from minicpm_jax.config.loading import build_model_config, load_config
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.interop import load_hf_checkpoint
 from minicpm_jax.interop.files import atomic_directory
+from minicpm_jax.interop.save import TOKENIZER_FILES, copy_tokenizer
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.model.factory import abstract_model, create_model, state_shardings
 
 CONFIG_NAME = "model.yaml"
 
 
-def save_model(model: MiniCPMForCausalLM, cfg: ModelConfig, directory: str | Path) -> Path:
-    """Write the model config and parameters; the directory appears complete or not at all."""
+BYTE_TOKENIZER = "byte"
+
+
+def save_model(
+    model: MiniCPMForCausalLM, cfg: ModelConfig, directory: str | Path, *, tokenizer_source: str | Path | None = None
+) -> Path:
+    """Write the model config and parameters; the directory appears complete or not at all.
+
+    ``tokenizer_source``: a tokenizer directory (or ``tokenizer.json`` file) whose files are copied along,
+    ``"byte"`` for the byte-level tokenizer (writes ``byte_tokenizer.json``), or None (no tokenizer).
+    With a tokenizer, a ``generation_config.json`` naming its eos id is written unless one was copied.
+    """
     directory = Path(directory).resolve()
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
+        if tokenizer_source is not None:
+            save_tokenizer(tokenizer_source, tmp)
     return directory
+
+
+def save_tokenizer(source: str | Path, directory: Path) -> None:
+    """Copy the tokenizer of ``source`` (see ``save_model``) into ``directory`` with a generation config."""
+    from minicpm_jax.generate.text import load_tokenizer, write_byte_tokenizer_marker
+
+    if str(source) == BYTE_TOKENIZER:
+        write_byte_tokenizer_marker(directory)
+    elif Path(source).is_file():  # a tokenizer.json under any name; its config files beside it come along
+        for name in TOKENIZER_FILES:
+            if name not in ("tokenizer.json", "tokenizer.model") and (Path(source).parent / name).is_file():
+                shutil.copy2(Path(source).parent / name, directory / name)
+        shutil.copy2(source, directory / "tokenizer.json")
+    elif Path(source).is_dir():
+        copy_tokenizer(source, directory)
+    else:
+        raise FileNotFoundError(f"tokenizer_source: no such file or directory {source} (or use {BYTE_TOKENIZER!r})")
+    if not (directory / "generation_config.json").is_file():
+        tok = load_tokenizer(directory)
+        gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def is_native_checkpoint(directory: str | Path) -> bool:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from minicpm_jax.ckpt import load_any, save_model
+from minicpm_jax.ckpt import BYTE_TOKENIZER, load_any, save_model
 from minicpm_jax.config.schema import Config
 from minicpm_jax.data import build_tokenizer, make_eval_batches, make_train_iterator
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
@@ -146,7 +146,7 @@ def run_training(
             summary["eval_loss"] = evaluate(trainer, eval_batches)
             logger.log(summary["steps"], {"eval_loss": summary["eval_loss"]})
         if summary["steps"] == tc.steps:
-            save_model(trainer.model(), cfg.model, out / "final")
+            save_model(trainer.model(), cfg.model, out / "final", tokenizer_source=cfg.data.tokenizer or BYTE_TOKENIZER)
         return summary
     finally:
         checkpointer.wait()
