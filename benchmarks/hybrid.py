@@ -25,9 +25,27 @@ from minicpm_jax.config import load_config
 from minicpm_jax.model import create_model
 from minicpm_jax.model.cache import cache_bytes
 
-WIDTH = ["model.hidden_size=128", "model.intermediate_size=256", "model.num_attention_heads=4",
-         "model.num_key_value_heads=2", "model.head_dim=32", "model.lightning_nh=4", "model.lightning_nkv=4",
-         "model.lightning_head_dim=32", "model.vocab_size=512", "dtype=float32"]
+WIDTH = [
+    "model.hidden_size=128",
+    "model.intermediate_size=256",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.head_dim=32",
+    "model.lightning_nh=4",
+    "model.lightning_nkv=4",
+    "model.lightning_head_dim=32",
+    "model.vocab_size=512",
+    "dtype=float32",
+]
+
+
+def model_configs():
+    """``(hybrid, dense)``: SALA's 32-layer map at ``WIDTH``, and the same model with every layer dense."""
+    hybrid = load_config("minicpm-sala-9b", WIDTH).model
+    dense = hybrid.model_copy(
+        update={"mixer_types": None, "sparse_config": None, "attn_use_rope": True, "attn_use_output_gate": False}
+    )
+    return hybrid, dense
 
 
 def prefill_seconds(cfg, length: int, repeats: int) -> float:
@@ -55,9 +73,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/hybrid.json")
     args = parser.parse_args()
-    hybrid = load_config("minicpm-sala-9b", WIDTH).model
-    dense = hybrid.model_copy(update={"mixer_types": None, "sparse_config": None, "attn_use_rope": True,
-                                      "attn_use_output_gate": False})
+    hybrid, dense = model_configs()
     rows = []
     print("| T | hybrid prefill | all-dense prefill | dense / hybrid |\n|---|---|---|---|")
     for length in args.lengths:
@@ -69,7 +85,9 @@ def main():
         ratio = f"{d / h:.2f}x" if d is not None else "n/a"
         print(f"| {length} | {h:.2f} s | {dense_cell} | {ratio} |", flush=True)
     sala, mc8 = load_config("minicpm-sala-9b").model, load_config("minicpm4-8b").model
-    print("\n| tokens | MiniCPM-SALA-9B cache | MiniCPM4-8B cache | 8B / SALA | per-token ratio |\n|---|---|---|---|---|")
+    print(
+        "\n| tokens | MiniCPM-SALA-9B cache | MiniCPM4-8B cache | 8B / SALA | per-token ratio |\n|---|---|---|---|---|"
+    )
     caches = []
     for tokens in (32768, 262144, 1048576):
         s, m = cache_bytes(sala, 1, tokens), cache_bytes(mc8, 1, tokens)

@@ -144,7 +144,7 @@ class Attention(nnx.Module):
         """Prefill of right-padded rows with ``valid [B]`` real tokens: a row shorter than ``dense_len``
         is computed densely even when the padded length reaches it, as it would be alone."""
         o = self._attend(q, k, v, q_sel, k_sel, None)
-        if self.sparse.is_dense(q.shape[1]) or self.sparse.dense_len <= 0:
+        if valid is None or self.sparse.is_dense(q.shape[1]) or self.sparse.dense_len <= 0:
             return o
         short = valid < self.sparse.dense_len
         return jax.lax.cond(

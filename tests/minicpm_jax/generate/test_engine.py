@@ -87,10 +87,9 @@ def test_sampled_logprobs_equal_full_forward_under_the_sampling_distribution():
     prompts = _prompts(model.config.vocab_size)
     params = [SamplingParams(temperature=0.7, top_k=30), SamplingParams(top_p=0.8, min_p=0.02), SamplingParams()]
     out = generate(model, prompts, max_new_tokens=NEW, sampling=params, rng=3)
-    arrays = sampling_arrays(params, 3)
     for i, prompt in enumerate(prompts):
         logits = _full_logits(model, list(prompt) + out.row_tokens(i))[len(prompt) - 1 : -1]
-        row = jax.tree.map(lambda a: jnp.repeat(a[i : i + 1], NEW), arrays)
+        row = sampling_arrays(params[i], NEW)
         processed = process_logits(jnp.asarray(logits), row, jnp.zeros(logits.shape, bool))
         ref = np.asarray(jax.nn.log_softmax(processed))[np.arange(NEW), out.tokens[i]]
         np.testing.assert_allclose(out.logprobs[i], ref, atol=1e-4)
@@ -139,6 +138,15 @@ def test_sharded_serving_equals_single_device():
     sharded, single = _model("hybrid", (2, 1, 4, 1)), _model("hybrid")
     q_proj = sharded.model.layers[1].self_attn.q_proj.kernel[...]
     assert q_proj.sharding.spec[1] == "tensor" and len(q_proj.sharding.device_set) == 8
+    mesh = q_proj.sharding.mesh
+    with jax.set_mesh(mesh):
+        cache = jax.jit(lambda: sharded.init_cache(4, 64))()  # as the engine builds it
+    sparse_k, state = cache.layers[0].k, cache.layers[1].state
+    assert sparse_k.sharding.spec[0] == ("data", "fsdp") and sparse_k.addressable_shards[0].data.shape[0] == 2
+    assert state.sharding.spec[:2] == (("data", "fsdp"), "tensor") and state.addressable_shards[0].data.shape[:2] == (
+        2,
+        1,
+    )
     prompts = _prompts(single.config.vocab_size)
     a = generate(sharded, prompts, max_new_tokens=8)
     b = generate(single, prompts, max_new_tokens=8)
