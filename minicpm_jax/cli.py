@@ -1,4 +1,4 @@
-"""The ``minicpm-jax`` command line: demo, train, info, import-hf, export-hf.
+"""The ``minicpm-jax`` command line: demo, train, generate, info, import-hf, export-hf.
 
 Every command takes ``section.key=value`` overrides of the run config (``mesh.fsdp=4``,
 ``dtype=float32``, and for ``info`` also ``model.num_hidden_layers=4``).
@@ -7,6 +7,7 @@ Every command takes ``section.key=value`` overrides of the run config (``mesh.fs
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,70 @@ def cmd_train(args) -> None:
     console.print(f"done: {summary}")
 
 
+def cmd_generate(args) -> None:
+    import jax.numpy as jnp
+
+    from minicpm_jax.ckpt import load_any
+    from minicpm_jax.generate.requests import build_requests, generation_defaults, read_jsonl, run_requests
+    from minicpm_jax.generate.text import load_tokenizer
+    from minicpm_jax.sharding import make_mesh
+
+    cfg = _run_config(args.overrides)
+    tokenizer_dir = args.tokenizer or args.checkpoint
+    tokenizer = load_tokenizer(tokenizer_dir)
+    chat = tokenizer.chat_template is not None if args.chat is None else args.chat
+    if args.input:
+        records = read_jsonl(args.input)
+    else:
+        records = [{"prompt": p} for p in args.prompt]
+    cli_sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+    defaults = generation_defaults(tokenizer_dir) | {k: v for k, v in cli_sampling.items() if v is not None}
+    mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in args.overrides) else None
+    dtype = jnp.dtype(args.dtype or cfg.dtype)
+    model_cfg, model = load_any(args.checkpoint, mesh=mesh, dtype=dtype, param_dtype=cfg.param_dtype, seed=cfg.seed)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer of {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+            f"{model_cfg.vocab_size}: give the model's own tokenizer (--tokenizer DIR)"
+        )
+    requests = build_requests(
+        records,
+        tokenizer,
+        chat=chat,
+        defaults=defaults,
+        max_new_tokens=args.max_new_tokens,
+        context=model_cfg.max_position_embeddings,
+        vocab_size=model_cfg.vocab_size,
+    )
+    stream = args.output is None and len(requests) == 1
+    on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+    start = time.perf_counter()
+    records_out = run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed, on_text=on_text)
+    if args.output:
+        _write_jsonl(Path(args.output), records_out)
+        console.print(f"{len(requests)} completions -> {args.output} in {time.perf_counter() - start:.1f}s")
+        return
+    for record in records_out:
+        if not stream:
+            console.rule(f"id {record['id']}")
+            console.print(record["completion"], markup=False, highlight=False)
+        else:
+            sys.stdout.write("\n")
+        console.print(
+            f"[dim]finish_reason={record['finish_reason']}, {len(record['token_ids'])} tokens, "
+            f"{record['prompt_tokens']} prompt tokens[/]"
+        )
+
+
+def _write_jsonl(path: Path, records) -> None:
+    """Write records to ``path`` via a temporary file, so a failed run leaves no partial output."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
 def cmd_demo(args) -> None:
     from minicpm_jax.demo import run_demo
 
@@ -180,6 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain from a recipe (configs/recipes/*.yaml), resuming if possible")
     p.add_argument("--config", required=True, help="recipe YAML")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="complete prompts with a checkpoint (its tokenizer and chat template)")
+    p.add_argument("--checkpoint", required=True, help="minicpm_jax checkpoint or Hugging Face directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    source.add_argument(
+        "--input",
+        help='JSONL: {"prompt": ...} or {"messages": [...]}, optional "id", "max_new_tokens" and sampling keys',
+    )
+    p.add_argument("--output", help="write JSONL results here (default: print; one --prompt is streamed)")
+    p.add_argument("--tokenizer", help="directory of the tokenizer (default: the checkpoint directory)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, help="0 = greedy (defaults: generation_config.json, else greedy)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i draws from fold_in(key(seed), i))")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="format prompts with the chat template (default: when the tokenizer has one)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's dtype)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
     p.add_argument("model", help="preset name (see configs/models) or a YAML file")
