@@ -56,6 +56,24 @@ def test_save_model_writes_tokenizer_files(native, tmp_path):
     assert load_tokenizer(native).stop_ids == [2]
 
 
+def test_save_model_copies_a_tokenizer_json_file(tmp_path):
+    """data.tokenizer may name a tokenizer.json file under any name: it is saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "[UNK]": 5}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<pad>", "<s>", "</s>"])
+    hf.save(str(tmp_path / "my_tok.json"))
+    cfg = load_config("tiny-minicpm4").model
+    out = save_model(create_model(cfg, seed=0), cfg, tmp_path / "ckpt", tokenizer_source=tmp_path / "my_tok.json")
+    tok = load_tokenizer(out)
+    assert (out / "tokenizer.json").is_file() and tok.stop_ids == [2]
+    assert tok.encode("hello world") == [3, 4] and tok.decode([1, 3, 4, 2]) == "hello world"
+    with pytest.raises(FileNotFoundError, match="tokenizer_source"):
+        save_model(create_model(cfg, seed=0), cfg, tmp_path / "bad", tokenizer_source=tmp_path / "nope")
+
+
 def test_native_jsonl_greedy_equals_generate(capsys, native, tmp_path):
     lines = [
         {"id": "a", "prompt": "Hello"},
