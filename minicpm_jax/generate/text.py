@@ -233,7 +233,11 @@ class StreamDecoder:
     def flush(self) -> str:
         before = self.tokenizer.decode(self.ids[self._prefix : self._read])
         after = self.tokenizer.decode(self.ids[self._prefix :])
-        new = after[len(before) + self._extra :] if after.startswith(before) else ""
+        if after.startswith(before):
+            new = after[len(before) + self._extra :]
+        else:  # the window did not decode consistently: fall back to the full text
+            full = self.tokenizer.decode(self.ids)
+            new = full[len(self.text) :] if full.startswith(self.text) else ""
         self._prefix = self._read = len(self.ids)
         self._extra = 0
         self.text += new
