@@ -21,7 +21,7 @@ from minicpm_jax.config.loading import build_model_config, load_config
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.interop import load_hf_checkpoint
 from minicpm_jax.interop.files import atomic_directory
-from minicpm_jax.interop.save import TOKENIZER_FILES, copy_tokenizer
+from minicpm_jax.interop.save import TOKENIZER_FILES, TOKENIZER_MAIN_FILES, copy_tokenizer
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.model.factory import abstract_model, create_model, state_shardings
 
@@ -59,7 +59,7 @@ def save_tokenizer(source: str | Path, directory: Path) -> None:
         write_byte_tokenizer_marker(directory)
     elif Path(source).is_file():  # a tokenizer.json under any name; its config files beside it come along
         for name in TOKENIZER_FILES:
-            if name not in ("tokenizer.json", "tokenizer.model") and (Path(source).parent / name).is_file():
+            if name not in TOKENIZER_MAIN_FILES and (Path(source).parent / name).is_file():
                 shutil.copy2(Path(source).parent / name, directory / name)
         shutil.copy2(source, directory / "tokenizer.json")
     elif Path(source).is_dir():

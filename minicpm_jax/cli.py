@@ -109,12 +109,15 @@ def _print_train_plan(cfg, args) -> None:
 def cmd_import_hf(args) -> None:
     from minicpm_jax.ckpt import save_model
     from minicpm_jax.interop import load_hf_checkpoint
+    from minicpm_jax.interop.save import has_tokenizer
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
     start = time.perf_counter()
     model_cfg, model = load_hf_checkpoint(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
-    out = save_model(model, model_cfg, args.output)
+    out = save_model(
+        model, model_cfg, args.output, tokenizer_source=args.hf_dir if has_tokenizer(args.hf_dir) else None
+    )
     console.print(
         f"imported {args.hf_dir} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) "
         f"-> {out} in {time.perf_counter() - start:.1f}s"
@@ -124,6 +127,7 @@ def cmd_import_hf(args) -> None:
 def cmd_export_hf(args) -> None:
     from minicpm_jax.ckpt import load_any
     from minicpm_jax.interop import save_hf_checkpoint
+    from minicpm_jax.interop.save import has_tokenizer
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
@@ -135,7 +139,7 @@ def cmd_export_hf(args) -> None:
         args.output,
         format=args.format,
         dtype=args.dtype,
-        tokenizer_dir=args.tokenizer,
+        tokenizer_dir=args.tokenizer or (args.source if has_tokenizer(args.source) else None),
         max_shard_bytes=int(args.max_shard_gb * 2**30),
     )
     files = sorted(p.name for p in out.iterdir())
@@ -299,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--format", choices=("minicpm", "llama"), default="minicpm")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied along")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory to copy along (default: SOURCE's own, if any)"
+    )
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors above this size")
     p.set_defaults(func=cmd_export_hf)
 

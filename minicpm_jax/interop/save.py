@@ -21,9 +21,9 @@ from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "byte_tokenizer.json")  # one of these is a tokenizer
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
+    *TOKENIZER_MAIN_FILES,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -86,8 +86,13 @@ def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
     """Copy the tokenizer files present in ``src`` (its generation_config.json wins over ours)."""
     src = Path(src)
     found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not any(n in found for n in ("tokenizer.json", "tokenizer.model")):
-        raise FileNotFoundError(f"tokenizer_dir {src}: no tokenizer.json or tokenizer.model")
+    if not has_tokenizer(src):
+        raise FileNotFoundError(f"tokenizer_dir {src}: none of {', '.join(TOKENIZER_MAIN_FILES)}")
     for name in found:
         shutil.copy2(src / name, dst / name)
     return found
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """True when ``directory`` holds a tokenizer (``tokenizer.json``, ``tokenizer.model`` or the byte marker)."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_MAIN_FILES)
