@@ -86,6 +86,20 @@ def _rows(mask, new, old):
     return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
 
 
+def _set_rows(buf, idx, val):
+    """buf[b, idx[b]] = val[b] for every row (idx clamped to the buffer), in place.
+
+    One row: a dynamic-update-slice (XLA would turn a one-row scatter into a select + copy of the
+    whole buffer); more rows: one scatter.
+    """
+    idx = jnp.clip(idx, 0, buf.shape[1] - 1)
+    val = val.astype(buf.dtype)
+    if buf.shape[0] == 1:
+        return jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], idx[0], axis=1)
+    # XLA GPU scatters bf16 natively (XLA CPU converts the buffer to f32 and back, a CPU-only cost).
+    return buf.at[jnp.arange(buf.shape[0]), idx].set(val, mode="promise_in_bounds")
+
+
 def _build(cache: DecodeCache, rows, config: InfLLMv2Config) -> DecodeCache:
     """For rows (bool [B]): full K1/K2 from the row's first length[b] selection keys, pending
     buffers = its keys after the last window; other rows are returned unchanged. O(capacity)."""
@@ -118,13 +132,13 @@ def _push(cache: DecodeCache, key, active, config: InfLLMv2Config) -> DecodeCach
         buf, blen = getattr(cache, "buf" + tag), getattr(cache, "buf" + tag + "_len")
         comp, n = getattr(cache, "k" + tag), getattr(cache, "n" + tag)
         slot = jnp.minimum(blen, size - 1)
-        buf = buf.at[rb, slot].set(_rows(active, key[:, 0].astype(buf.dtype), buf[rb, slot]))
+        buf = _set_rows(buf, slot, _rows(active, key[:, 0].astype(buf.dtype), buf[rb, slot]))
         blen = blen + active
         full = active & (blen == size)
         if comp.shape[1]:
             mean = buf.astype(F32).mean(1).astype(comp.dtype)
             at = jnp.minimum(n, comp.shape[1] - 1)
-            comp = comp.at[rb, at].set(_rows(full, mean, comp[rb, at]))
+            comp = _set_rows(comp, at, _rows(full, mean, comp[rb, at]))
         out["k" + tag], out["n" + tag] = comp, n + full
         out["buf" + tag] = _rows(full, jnp.roll(buf, -stride, axis=1), buf)
         out["buf" + tag + "_len"] = jnp.where(full, blen - stride, blen)
@@ -148,19 +162,19 @@ def _dense_rows(qg, kt, vt, pos):
     return _attend(qg, kt, vt, mask)
 
 
-def _sparse_row(qg, qs, k1, k2, n1, n2, pos, kt, vt, config: InfLLMv2Config):
-    """One row (no batch axis): qg [Hkv,G,D], qs [Hq,D], K1/K2 caches, pos scalar, kt/vt [Hkv,cap,D]."""
-    hkv, cap, d = kt.shape
+def _sparse_row(qg, qs, k1, k2, n1, n2, pos, k, v, config: InfLLMv2Config):
+    """One row (no batch axis): qg [Hkv,G,D], qs [Hq,D], K1/K2 caches, pos scalar, k/v [cap,Hkv,D].
+
+    The selected blocks are gathered straight from the [cap, Hkv, D] cache (no transposed copy).
+    """
+    cap, hkv = k.shape[:2]
     bs, nb = config.block_size, config.num_blocks(cap)
     sel = select_from_compressed(qs[None, None], k1[None], k2[None], n1, n2, pos[None], nb, config)
     blocks = attention_blocks(sel, pos[None], config, nb)[0, :, 0]  # [Hkv, n]
-    pad = ((0, 0), (0, nb * bs - cap), (0, 0))
-    kb = jnp.pad(kt, pad).reshape(hkv, nb, bs, d)
-    vb = jnp.pad(vt, pad).reshape(hkv, nb, bs, d)
-    take = jax.vmap(lambda x, i: x[jnp.maximum(i, 0)].reshape(-1, d))
-    kpos = (blocks[..., None] * bs + jnp.arange(bs)).reshape(hkv, -1)
+    kpos = (blocks[..., None] * bs + jnp.arange(bs)).reshape(hkv, -1)  # [Hkv, n * bs]
     mask = jnp.repeat(blocks >= 0, bs, axis=-1) & (kpos <= pos)
-    return _attend(qg[None], take(kb, blocks)[None], take(vb, blocks)[None], mask[None])[0]
+    idx = (jnp.clip(kpos, 0, cap - 1), jnp.arange(hkv)[:, None])
+    return _attend(qg[None], k[idx][None], v[idx][None], mask[None])[0]
 
 
 def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select=None, k_select=None):
@@ -175,8 +189,7 @@ def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select
     if (cache.k_sel is None) != (k_select is None):
         raise ValueError("k_select must be given exactly when the cache has separate selection keys")
     pos = cache.length  # [B]
-    rb = jnp.arange(b)
-    upd = lambda buf, x: buf.at[rb, pos].set(x[:, 0].astype(buf.dtype), mode="drop")
+    upd = lambda buf, x: _set_rows(buf, pos, x[:, 0])
     was_built = cache.built
     cache = cache._replace(
         k=upd(cache.k, k),
@@ -192,14 +205,13 @@ def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select
 
     qg = q[:, 0].reshape(b, hkv, hq // hkv, d)
     qs = (q if q_select is None else q_select)[:, 0]
-    kt, vt = cache.k.swapaxes(1, 2), cache.v.swapaxes(1, 2)  # [B,Hkv,cap,D]
 
     def dense_out(_):
-        return _dense_rows(qg, kt, vt, pos)
+        return _dense_rows(qg, cache.k.swapaxes(1, 2), cache.v.swapaxes(1, 2), pos)
 
     def sparse_out(_):
         row = lambda *a: _sparse_row(*a, config=config)
-        return jax.vmap(row)(qg, qs, cache.k1, cache.k2, cache.n1, cache.n2, pos, kt, vt)
+        return jax.vmap(row)(qg, qs, cache.k1, cache.k2, cache.n1, cache.n2, pos, cache.k, cache.v)
 
     def mixed_out(_):
         return _rows(dense, dense_out(None), sparse_out(None))
