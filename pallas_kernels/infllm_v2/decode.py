@@ -206,8 +206,11 @@ def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select
     qg = q[:, 0].reshape(b, hkv, hq // hkv, d)
     qs = (q if q_select is None else q_select)[:, 0]
 
+    # A dense row sits below dense_len, so the dense path only reads the first dense_len slots.
+    nd = cache.k.shape[1] if config.dense_len <= 0 else min(cache.k.shape[1], config.dense_len)
+
     def dense_out(_):
-        return _dense_rows(qg, cache.k.swapaxes(1, 2), cache.v.swapaxes(1, 2), pos)
+        return _dense_rows(qg, cache.k[:, :nd].swapaxes(1, 2), cache.v[:, :nd].swapaxes(1, 2), pos)
 
     def sparse_out(_):
         row = lambda *a: _sparse_row(*a, config=config)
@@ -228,7 +231,7 @@ def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select
 def prefill_cache(cache: DecodeCache, k, v, *, config: InfLLMv2Config, k_select=None, lengths=None):
     """Writes a prompt's k/v [B, T, Hkv, D] at slots 0..T-1 of an empty cache.
 
-    ``lengths`` int [B] (may be traced; default T) is the number of real tokens per row: keys at
+    ``lengths`` int [B] (may be traced; each <= T; default T) is the number of real tokens per row: keys at
     slots >= lengths[b] are ignored (later decode steps overwrite them). Rows with
     ``lengths[b] >= dense_len`` (any row when dense_len <= 0) get K1/K2 built from their keys.
     """
