@@ -3,7 +3,7 @@
 Pretrain the tiny model on the built-in synthetic corpus (``configs/recipes/pretrain-tiny.yaml``)
 and watch the loss fall; reload the final checkpoint and score held-out text; export it in both
 Hugging Face layouts; reload the official layout in JAX and the Llama layout in PyTorch
-``transformers`` and compare logits.
+``transformers`` and compare logits; generate from the exported checkpoint with its tokenizer.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from rich.console import Console
 from minicpm_jax.ckpt import load_model
 from minicpm_jax.config import CONFIG_DIR, load_recipe
 from minicpm_jax.data import build_tokenizer, make_eval_batches
+from minicpm_jax.generate import generate
+from minicpm_jax.generate.text import load_tokenizer
 from minicpm_jax.info import human_count
 from minicpm_jax.interop import load_hf_checkpoint, save_hf_checkpoint
 from minicpm_jax.model import param_count
 from minicpm_jax.train.loop import run_training
 
 DEMO_RECIPE = CONFIG_DIR / "recipes" / "pretrain-tiny.yaml"
+DEMO_PROMPTS = ("27+48:", "copy: jax on tpu ->", "35*12:")
 
 
 def run_demo(output: Path, overrides: list[str], console: Console) -> dict[str, float]:
@@ -33,7 +36,7 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> dict[str, 
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts from scratch
     cfg = load_recipe(DEMO_RECIPE, [f"train.output_dir={run_dir}", *overrides])
     m = cfg.model
-    step = _Steps(console, total=5)
+    step = _Steps(console, total=6)
     step(
         f"recipe {DEMO_RECIPE.name}: tiny MiniCPM4 ({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
         f"{human_count(param_count(m))} parameters, muP scalars emb x{m.scale_emb:g}, residual "
@@ -66,7 +69,7 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> dict[str, 
     )
 
     official, llama = output / "hf-minicpm", output / "hf-llama"
-    save_hf_checkpoint(model, m, official, format="minicpm", dtype="bfloat16")
+    save_hf_checkpoint(model, m, official, format="minicpm", dtype="bfloat16", tokenizer_dir=run_dir / "final")
     save_hf_checkpoint(model, m, llama, format="llama", dtype="float32")
     step(
         f"exported the official MiniCPM layout (bf16) -> {official} and a plain Llama layout (fp32, muP "
@@ -80,6 +83,14 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> dict[str, 
     step(
         f"reloaded {official.name} in JAX: max |logit diff| {jax_diff:.2e} (bf16 weights); reloaded "
         f"{llama.name} in PyTorch transformers.LlamaForCausalLM: max |logit diff| {torch_diff:.2e}"
+    )
+    hf_tokenizer = load_tokenizer(official)
+    prompts = [hf_tokenizer.encode(p, add_bos=True) for p in DEMO_PROMPTS]
+    out = generate(reloaded, prompts, max_new_tokens=48, stop_token_ids=hf_tokenizer.stop_ids)
+    completions = [hf_tokenizer.decode(out.row_tokens(i)) for i in range(len(prompts))]
+    step(
+        f"generated from {official.name} with its tokenizer (greedy, one batch of {len(prompts)} prompts): "
+        + "; ".join(f"{p!r} -> {c!r}" for p, c in zip(DEMO_PROMPTS, completions))
     )
     return {
         "first_loss": summary["first_loss"],
