@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from hybrid import model_configs
+from hybrid import median_seconds, model_configs
 
 from minicpm_jax.model import create_model
 from minicpm_jax.model.cache import KVCache, LightningCache, ModelCache, cache_bytes
@@ -67,13 +66,7 @@ def decode_ms_per_token(cfg, batch: int, length: int, steps: int, repeats: int) 
 
         return jax.lax.fori_loop(0, steps, body, (jnp.zeros((batch,), jnp.int32), cache))[0]
 
-    run(state, cache).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(state, cache).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times)) / steps
+    return 1000 * median_seconds(run, state, cache, repeats=repeats) / steps
 
 
 def main():

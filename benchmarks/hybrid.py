@@ -51,12 +51,16 @@ def model_configs():
 def prefill_seconds(cfg, length: int, repeats: int) -> float:
     model = create_model(cfg, dtype=jnp.float32)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, length)), jnp.int32)
-    forward = jax.jit(lambda x: model.hidden_states(x))
-    forward(ids).block_until_ready()
+    return median_seconds(jax.jit(lambda x: model.hidden_states(x)), ids, repeats=repeats)
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        forward(ids).block_until_ready()
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
