@@ -52,13 +52,48 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, d)
 
 
+CACHE_BLOCK = 1024  # keys per step when a multi-token call attends over a cache
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, block: int = CACHE_BLOCK):
+    """Causal GQA attention of q ``[B,T,Hq,D]`` at ``positions [B,T]`` over a cache k/v ``[B,S,Hkv,D]``
+    (slot s visible to position p iff s <= p), one block of keys at a time with an online softmax in
+    fp32: memory O(T x block) instead of O(T x S), and blocks past the largest position are skipped."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    block = min(block, s)
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+
+    def step(i, carry):
+        m, l, acc = carry
+        start = jnp.minimum(i * block, s - block)  # the last block may overlap the previous one
+        kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=1).astype(q.dtype) for x in (k, v))
+        idx = start + jnp.arange(block)
+        visible = ((idx >= i * block)[None, None, :] & (idx[None, None, :] <= positions[:, :, None]))[:, None, None]
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * d**-0.5
+        m_new = jnp.maximum(m, jnp.where(visible, scores, jnp.finfo(jnp.float32).min).max(-1))
+        p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+    shape = (b, hkv, hq // hkv, t)
+    init = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape), jnp.zeros((*shape, d)))
+    blocks = jnp.clip(jnp.max(positions) // block + 1, 1, -(-s // block))
+    _, l, acc = jax.lax.fori_loop(0, blocks, step, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+
+
 def kv_attend(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
     """Writes k/v ``[B, T, Hkv, D]`` at slots ``positions [B, T]`` and attends q ``[B, T, Hq, D]`` causally
     over the cache (slot s is visible to the query at position p iff s <= p); returns ``(out, cache)``.
-    Slots past the capacity are dropped."""
+    Slots past the capacity are dropped. A multi-token call (a prefill chunk) goes block by block."""
     rows = jnp.arange(q.shape[0])[:, None]
     upd = lambda buf, x: buf.at[rows, positions].set(x.astype(buf.dtype), mode="drop")
     cache = KVCache(upd(cache.k, k), upd(cache.v, v))
+    if q.shape[1] > 1:
+        return cache_attention(q, cache.k, cache.v, positions), cache
     mask = jnp.arange(cache.k.shape[1])[None, None, :] <= positions[:, :, None]
     return dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask), cache
 

@@ -100,3 +100,20 @@ def test_sala_9b_prefill_and_decode_trace_at_full_size():
     tok = jax.ShapeDtypeStruct((1,), jnp.int32)
     logits, _ = jax.eval_shape(lambda s, x, c: nnx.merge(graphdef, s).decode_step(x, c), state, tok, cache)
     assert logits.shape == (1, 73448)
+
+
+@pytest.mark.parametrize("block", [16, 24, 200])
+def test_blockwise_cache_attention_equals_masked_softmax(block):
+    """Prefill chunks attend over the cache block by block (online softmax); blocks that do not divide
+    the capacity overlap, and blocks past the last position are skipped."""
+    from minicpm_jax.model.attention import cache_attention, dot_product_attention
+
+    rng = np.random.default_rng(0)
+    shapes = ((2, 12, 4, 8), (2, 70, 2, 8), (2, 70, 2, 8))
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+    for rows in ((58, 3), (20, 3)):  # up to the last (overlapping) block; or only the first blocks
+        positions = jnp.asarray([np.arange(r, r + 12) for r in rows])  # rows at different offsets
+        mask = jnp.arange(70)[None, None, :] <= positions[:, :, None]
+        want = dot_product_attention(q, k, v, mask)
+        got = jax.jit(cache_attention, static_argnums=4)(q, k, v, positions, block)
+        np.testing.assert_allclose(got, want, atol=2e-6)

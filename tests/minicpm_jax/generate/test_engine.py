@@ -126,8 +126,9 @@ def test_stop_ids_context_limit_finish_reasons_and_streaming():
     assert capped.lengths.tolist() == [8, 3] and capped.finish_reasons == ["length", "length"]
 
 
-def test_chunked_prefill_equals_one_call():
-    model = _model("lightning")
+@pytest.mark.parametrize("case", ["dense", "lightning"])
+def test_chunked_prefill_equals_one_call(case):
+    model = _model(case)
     prompts = [list(range(3, 90)), list(range(5, 40)), [7]]
     one = generate(model, prompts, max_new_tokens=6, prefill_chunk=512)
     chunked = generate(model, prompts, max_new_tokens=6, prefill_chunk=32)  # 3 chunks, rows end in different ones
