@@ -100,5 +100,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "train.global_batch_size=8",
         "data.seq_len=64",
     )
-    assert code == 0 and "[5/5]" in out and "PyTorch" in out and "pretrained: loss" in out
+    assert code == 0 and "[6/6] generated from hf-minicpm" in out and "PyTorch" in out and "pretrained: loss" in out
     assert (tmp_path / "hf-llama" / "model.safetensors").is_file()
