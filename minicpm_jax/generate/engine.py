@@ -74,7 +74,7 @@ def generate(
     model,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
     stop_token_ids: Sequence[int] = (),
     rng: int | jax.Array = 0,
@@ -83,7 +83,8 @@ def generate(
     on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
     stream_every: int = 8,
 ) -> GenerationResult:
-    """Generates up to ``max_new_tokens`` after each prompt (lists of token ids of any lengths).
+    """Generates up to ``max_new_tokens`` (one for all rows or one per prompt) after each prompt (lists
+    of token ids of any lengths).
 
     ``sampling``: one ``SamplingParams`` for all rows or one per prompt. ``rng``: a seed, one PRNG key
     (row i draws with ``fold_in(key, i)``) or ``[B]`` keys (one per row: a row's draws then do not
@@ -92,12 +93,14 @@ def generate(
     [B, k], valid [B, k])`` is called with each run of new tokens, for streaming.
     """
     cfg = model.config
-    lengths = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
+    lengths = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
+    budgets = _budgets(max_new_tokens, len(prompts))
+    max_new_tokens = int(budgets.max())
     graphdef, state = nnx.split(model)
     mesh = _mesh_of(state)
     batch = len(prompts)
     rows = -(-batch // _data_parallel(mesh)) * _data_parallel(mesh)  # pad the batch to fill the data axes
-    lengths = np.concatenate([lengths, np.full(rows - batch, lengths[0])])
+    lengths, budgets = (np.concatenate([a, np.full(rows - batch, a[0])]) for a in (lengths, budgets))
     prompts = list(prompts) + [prompts[0]] * (rows - batch)
     sparse = cfg.sparse_config is not None and "minicpm4" in cfg.layer_mixers
     width, chunk = _prefill_shape(int(lengths.max()), prefill_chunk, one_call=sparse)
@@ -109,7 +112,7 @@ def generate(
     request = _Request(
         sampling_arrays(_per_row(sampling, batch, rows), rows),
         _row_keys(rng, batch, rows),
-        jnp.asarray(np.minimum(max_new_tokens, cfg.max_position_embeddings - lengths), jnp.int32),
+        jnp.asarray(np.minimum(budgets, cfg.max_position_embeddings - lengths), jnp.int32),
         jnp.asarray(list(stop_token_ids) or [-1], jnp.int32),
     )
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -140,10 +143,18 @@ def generate(
     )
 
 
-def _check_prompts(prompts, vocab: int, context: int, max_new_tokens: int) -> np.ndarray:
+def _budgets(max_new_tokens, batch: int) -> np.ndarray:
+    """Per-row token budgets from one int or one per prompt."""
+    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, (int, np.integer)) else list(max_new_tokens)
+    if len(budgets) != batch or any(
+        isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in budgets
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1, or one per prompt ({batch})")
+    return np.asarray(budgets, np.int32)
+
+
+def _check_prompts(prompts, vocab: int, context: int) -> np.ndarray:
     """Prompt lengths; one ValueError naming every bad prompt."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
     if isinstance(prompts, (str, bytes)) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists")
     errors = []
@@ -226,7 +237,7 @@ def _new_cache(graphdef, state, batch: int, capacity: int) -> ModelCache:
 def _prefill_chunk(graphdef, state, ids, cache: ModelCache, valid, ends_here, last_h):
     """Appends one chunk of right-padded prompts (``valid [B]`` real tokens per row) to the cache and
     keeps the hidden state of each row whose last prompt token is in this chunk (``ends_here``)."""
-    h, cache = nnx.merge(graphdef, state)._extend(ids, cache, valid)
+    h, cache = nnx.merge(graphdef, state).extend(ids, cache, valid)
     here = jnp.take_along_axis(h, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)[:, 0]
     return jnp.where(ends_here[:, None], here, last_h), cache
 

@@ -145,7 +145,7 @@ def run_requests(
         result = generate(
             model,
             [r.ids for r in batch],
-            max_new_tokens=max(r.max_new_tokens for r in batch),
+            max_new_tokens=[r.max_new_tokens for r in batch],
             sampling=[r.sampling for r in batch],
             stop_token_ids=tokenizer.stop_ids,
             rng=keys,
@@ -169,9 +169,6 @@ def _streamer(stream: StreamDecoder, on_text: Callable[[str], None]):
 
 def _record(request: Request, result, i: int, tokenizer: Tokenizer) -> dict:
     n = int(result.lengths[i])
-    reason = result.finish_reasons[i]
-    if n > request.max_new_tokens:  # the batch ran longer than this request's budget
-        n, reason = request.max_new_tokens, "length"
     tokens = result.tokens[i, :n].tolist()
     return {
         "id": request.id,
@@ -180,6 +177,6 @@ def _record(request: Request, result, i: int, tokenizer: Tokenizer) -> dict:
         "token_ids": tokens,
         "logprobs": result.logprobs[i, :n].tolist(),
         "model_logprobs": result.model_logprobs[i, :n].tolist(),
-        "finish_reason": reason,
+        "finish_reason": result.finish_reasons[i],
         "prompt_tokens": len(request.ids),
     }

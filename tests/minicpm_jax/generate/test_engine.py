@@ -120,6 +120,9 @@ def test_stop_ids_context_limit_finish_reasons_and_streaming():
         for i in range(len(prompts)):
             streamed[i] += tokens[i][valid[i]].tolist()
     assert streamed == [out.row_tokens(i) for i in range(3)] and len(chunks) > 2
+    budgets = generate(model, prompts, max_new_tokens=[NEW, 5, 2])  # per-row budgets
+    assert budgets.lengths.tolist() == [NEW, 5, 2] and budgets.finish_reasons == ["length"] * 3
+    assert all(budgets.row_tokens(i) == free.row_tokens(i)[: budgets.lengths[i]] for i in range(3))
     context = model.config.max_position_embeddings
     near_end = [prompts[0], [5] * (context - 3)]
     capped = generate(model, near_end, max_new_tokens=8, prefill_chunk=128)
