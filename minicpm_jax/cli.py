@@ -172,6 +172,7 @@ def cmd_generate(args) -> None:
     import jax.numpy as jnp
 
     from minicpm_jax.ckpt import load_any
+    from minicpm_jax.data.tokenizer import check_vocab
     from minicpm_jax.generate.requests import build_requests, generation_defaults, read_jsonl, run_requests
     from minicpm_jax.generate.text import load_tokenizer
     from minicpm_jax.sharding import make_mesh
@@ -189,11 +190,7 @@ def cmd_generate(args) -> None:
     mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in args.overrides) else None
     dtype = jnp.dtype(args.dtype or cfg.dtype)
     model_cfg, model = load_any(args.checkpoint, mesh=mesh, dtype=dtype, param_dtype=cfg.param_dtype, seed=cfg.seed)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer of {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-            f"{model_cfg.vocab_size}: give the model's own tokenizer (--tokenizer DIR)"
-        )
+    check_vocab(tokenizer, model_cfg.vocab_size, where=f"tokenizer of {tokenizer_dir} (--tokenizer DIR)")
     requests = build_requests(
         records,
         tokenizer,

@@ -106,11 +106,11 @@ def build_tokenizer(path: str | Path | None) -> Tokenizer:
     return ByteTokenizer() if path is None else HFTokenizer(path)
 
 
-def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+def check_vocab(tokenizer, vocab_size: int, where: str = "data.tokenizer") -> None:
     """Raise if the tokenizer can emit ids the model's embedding table does not have."""
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(
-            f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens ({tokenizer!r}) is "
+            f"{where}: vocabulary of {tokenizer.vocab_size} tokens ({tokenizer!r}) is "
             f"larger than model.vocab_size {vocab_size}; use a model with vocab_size >= "
             f"{tokenizer.vocab_size} or a smaller tokenizer"
         )

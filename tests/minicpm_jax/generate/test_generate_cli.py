@@ -191,6 +191,7 @@ def test_jsonl_errors(capsys, native, tmp_path, case):
         (["--prompt", "a", "--max-new-tokens", "0"], "max_new_tokens=0"),
         (["--input", "missing.jsonl"], "cannot read"),
         (["--prompt", "a", "--chat"], "has no chat template"),
+        (["--prompt", "a", "--tokenizer", str(MINICPM4_TOKENIZER)], "vocabulary of 73448 tokens"),
     ],
 )
 def test_generate_errors(capsys, native, argv, expected):
