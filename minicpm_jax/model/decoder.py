@@ -166,8 +166,9 @@ class MiniCPMForCausalLM(nnx.Module):
         layers = tuple(layer.self_attn.init_cache(batch, capacity, dtype) for layer in self.model.layers)
         return constrain_cache(ModelCache(jnp.zeros((batch,), jnp.int32), layers))
 
-    def _extend(self, input_ids: jax.Array, cache: ModelCache, valid: jax.Array | None):
-        """Hidden states of ``input_ids [B, T]`` at positions ``cache.length[:, None] + arange(T)``."""
+    def extend(self, input_ids: jax.Array, cache: ModelCache, valid: jax.Array | None = None):
+        """``(final-norm hidden states [B, T, H], cache)`` of ``input_ids`` appended at positions
+        ``cache.length[:, None] + arange(T)`` (``valid``: as in ``step``); no LM head."""
         t = input_ids.shape[1]
         check_room(cache, t)
         if t > 1 and any(isinstance(c, DecodeCache) for c in cache.layers):
@@ -185,7 +186,7 @@ class MiniCPMForCausalLM(nnx.Module):
         whose outputs are meaningless and which does not count in the row's length. Sparse (InfLLM v2)
         layers accept a multi-token step only on an empty cache (the prefill).
         """
-        h, cache = self._extend(input_ids, cache, valid)
+        h, cache = self.extend(input_ids, cache, valid)
         return self.logits(h), cache
 
     def prefill(
@@ -193,7 +194,7 @@ class MiniCPMForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, ModelCache]:
         """Fills an empty cache with right-padded prompts ``[B, T]`` of ``valid [B]`` tokens (default T):
         ``(logits at each row's last prompt token [B, V], cache)``. Only those positions go through the LM head."""
-        h, cache = self._extend(input_ids, cache, valid)
+        h, cache = self.extend(input_ids, cache, valid)
         last = jnp.full((h.shape[0],), h.shape[1] - 1) if valid is None else valid - 1
         return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1))[:, 0], cache
 
