@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minicpm_jax.config import load_config
-from minicpm_jax.config.hf import model_config_to_hf
+from minicpm_jax.config.hf import SALA_ONLY_FIELDS, model_config_to_hf
 from minicpm_jax.interop import load_hf_checkpoint, save_hf_checkpoint
 from minicpm_jax.interop.layout import layout, param_variables
 from minicpm_jax.model import abstract_model, create_model, param_count
@@ -65,18 +65,7 @@ def test_tiny_sala_keys_and_config_json(tmp_path):
         "use_nope": False,
         "dense_len": 64,
     }
-    for key in (
-        "lightning_nh",
-        "lightning_nkv",
-        "lightning_head_dim",
-        "lightning_scale",
-        "lightning_use_rope",
-        "attn_use_rope",
-        "attn_use_output_gate",
-        "qk_norm",
-        "use_output_gate",
-        "use_output_norm",
-    ):
+    for key in set(SALA_ONLY_FIELDS) - {"mixer_types", "shift_labels"}:  # mixer_types is checked above
         assert hf[key] == getattr(cfg, key), key
 
 
