@@ -65,17 +65,46 @@ def load_config(model: str | Path | Mapping[str, Any], overrides: Sequence[str] 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Root config from a recipe YAML (``configs/recipes``) plus dotted overrides.
 
-    ``model`` is a preset name, or a mapping with ``preset`` plus fields that override the preset's.
+    The recipe's ``model`` is a preset name, or a mapping with ``preset`` plus fields that override
+    the preset's. ``model=NAME`` or ``model.preset=NAME`` on the command line (a preset of
+    ``configs/models`` or a YAML path) replaces the recipe's preset; the model is then resolved as,
+    lowest to highest precedence::
+
+        recipe's preset  <  command-line preset  <  recipe's model fields  <  command-line model fields
+
+    so the recipe's own adjustments (e.g. ``vocab_size`` sized for its tokenizer) carry over to the
+    new preset, and ``model.<field>=...`` overrides win over everything, wherever they appear on the
+    command line. If several presets are given on the command line, the last one is used.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"recipe: no file {str(path)!r}"])
     raw = yaml.safe_load(path.read_text()) or {}
+    cli_preset, overrides = split_preset_overrides(overrides)
     model = raw.get("model", {})
     model = {"preset": model} if isinstance(model, str) else dict(model)
+    if cli_preset is not None:
+        model["preset"] = cli_preset
     if "preset" in model:
         model = {**read_model_preset(model.pop("preset")), **model}
     return build_config(apply_overrides({**raw, "model": model}, overrides))
+
+
+def split_preset_overrides(overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(the last ``model=NAME`` / ``model.preset=NAME`` preset or None, the other overrides)."""
+    preset, rest = None, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in ("model", "model.preset"):
+            parsed = yaml.safe_load(value)
+            if not isinstance(parsed, str) or not parsed:
+                raise ConfigError(
+                    [f"{key.strip()}: expected a preset name {preset_names()} or a YAML file path (got {value!r})"]
+                )
+            preset = parsed
+        else:
+            rest.append(item)
+    return preset, rest
 
 
 def build_config(raw: Mapping[str, Any]) -> Config:

@@ -10,12 +10,14 @@ from minicpm_jax.config import (
     ModelConfig,
     build_config,
     load_config,
+    load_recipe,
     model_config_from_hf,
     model_config_to_hf,
     preset_names,
 )
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 
 def _official(name):
@@ -124,3 +126,52 @@ def test_exported_config_json_has_official_fields(name, official):
     assert {k: v for k, v in theirs.items() if k not in skip} == {k: ours[k] for k in theirs if k not in skip}
     assert ours["architectures"] == theirs["architectures"]
     assert {k: v.split("--")[1] for k, v in ours["auto_map"].items()} == theirs["auto_map"]
+
+
+def _recipe(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["model.preset", "model"])
+def test_cli_preset_replaces_recipe_preset(spelling):
+    cfg = load_recipe(RECIPES / "pretrain-tiny.yaml", [f"{spelling}=tiny-sala"])
+    sala = load_config("tiny-sala").model
+    assert cfg.model == sala.model_copy(update={"vocab_size": 320})  # the recipe's own field still applies
+    assert cfg.train == load_recipe(RECIPES / "pretrain-tiny.yaml").train
+    sala_yaml = RECIPES.parent / "models" / "tiny-sala.yaml"
+    by_path = load_recipe(RECIPES / "pretrain-tiny.yaml", [f"{spelling}={sala_yaml}"])
+    assert by_path == cfg
+
+
+def test_model_precedence_file_preset_cli_preset_file_fields_cli_fields(tmp_path):
+    path = _recipe(
+        tmp_path,
+        "model: {preset: tiny-minicpm4, vocab_size: 320, initializer_range: 0.05}\ntrain: {steps: 7}\n",
+    )
+    # CLI fields win wherever they stand relative to the CLI preset
+    cfg = load_recipe(path, ["model.vocab_size=384", "model=tiny-sala", "train.steps=9"])
+    m, sala = cfg.model, load_config("tiny-sala").model
+    assert m.vocab_size == 384  # CLI field > file field
+    assert m.initializer_range == 0.05  # file field > CLI preset
+    assert m.model_type == "minicpm_sala" and m.mixer_types == sala.mixer_types  # CLI preset > file preset
+    assert m.rope_scaling is None and m.num_hidden_layers == 8  # the file preset is replaced, not merged
+    assert cfg.train.steps == 9
+    # the last of several CLI presets is used; without one the file preset stands
+    assert load_recipe(path, ["model=tiny-sala", "model.preset=tiny-minicpm4-sparse"]).model.sparse_config.topk == 4
+    assert load_recipe(path, ["model=tiny-sala", "model.preset=tiny-minicpm4-sparse"]).model.model_type == "minicpm"
+    plain = load_recipe(path).model
+    assert plain == load_config("tiny-minicpm4").model.model_copy(update={"vocab_size": 320, "initializer_range": 0.05})
+    # a recipe whose model is a bare preset name
+    bare = _recipe(tmp_path, "model: tiny-minicpm4\n")
+    assert load_recipe(bare, ["model.preset=tiny-sala"]).model == load_config("tiny-sala").model
+
+
+@pytest.mark.parametrize("spelling", ["model.preset", "model"])
+def test_cli_preset_unknown_name_lists_presets(spelling):
+    with pytest.raises(ConfigError, match=r"model: no preset or file 'nope'; presets: \[.*'tiny-sala'") as info:
+        load_recipe(RECIPES / "pretrain-tiny.yaml", [f"{spelling}=nope"])
+    assert len(info.value.errors) == 1
+    with pytest.raises(ConfigError, match=rf"{spelling}: expected a preset name .* or a YAML file path"):
+        load_recipe(RECIPES / "pretrain-tiny.yaml", [f"{spelling}=[1, 2]"])
