@@ -178,6 +178,7 @@ class DataConfig(_Strict):
     synthetic_tasks: tuple[Literal["arithmetic", "kv_recall", "copy"], ...] = ("arithmetic", "kv_recall", "copy")
     synthetic_documents: StrictInt = 20000
     seq_len: StrictInt = 128
+    packing: Literal["first_fit", "none"] = "first_fit"  # none: one document (chunk) per padded row
     shuffle: StrictBool = True
     seed: StrictInt = 0
     eval_documents: StrictInt = 64  # held out (deterministically) for the evaluation loss

@@ -1,9 +1,11 @@
 """Packing token documents into fixed-length rows and turning packed rows into training batches.
 
 Documents longer than ``seq_len`` are cut into ``seq_len`` chunks (each chunk its own segment; the
-target across a cut is not trained). grain's first-fit packer fills rows with whole chunks and
-records ``segment_ids`` (1, 2, ... per document in the row, 0 = padding) and ``positions``
-(restarting at 0 per document); ``to_batch`` derives next-token targets and the loss mask.
+target across a cut is not trained). ``packing="first_fit"``: grain's first-fit packer fills rows
+with whole chunks and records ``segment_ids`` (1, 2, ... per document in the row, 0 = padding) and
+``positions`` (restarting at 0 per document). ``packing="none"``: each chunk is its own row,
+right-padded (``PadToRow``: segment id 1 on the chunk, 0 on padding). ``to_batch`` derives
+next-token targets and the loss mask from either.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grain
 import numpy as np
 
 KEY = "tokens"  # the one packed feature; grain adds KEY_segment_ids and KEY_positions
+PACKING_MODES = ("first_fit", "none")
 
 
 class Batch(TypedDict):
@@ -39,11 +42,41 @@ class SplitLong(grain.experimental.FlatMapTransform):
         return [{KEY: tokens[i : i + self.seq_len]} for i in range(0, len(tokens), self.seq_len)]
 
 
+class PadToRow(grain.transforms.Map):
+    """One chunk (at most ``seq_len`` tokens) -> one row in the packer's layout, right-padded."""
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len, self.pad_id = seq_len, pad_id
+
+    def map(self, element):
+        tokens = np.asarray(element[KEY], dtype=np.int32)
+        n = len(tokens)
+        row = np.full(self.seq_len, self.pad_id, dtype=np.int32)
+        row[:n] = tokens
+        segments = np.zeros(self.seq_len, dtype=np.int32)
+        segments[:n] = 1
+        positions = np.zeros(self.seq_len, dtype=np.int32)
+        positions[:n] = np.arange(n, dtype=np.int32)
+        return {KEY: row, f"{KEY}_segment_ids": segments, f"{KEY}_positions": positions}
+
+
 def pack(
-    ds: grain.IterDataset, *, seq_len: int, pad_id: int, num_bins: int, seed: int, shuffle_rows: bool
+    ds: grain.IterDataset,
+    *,
+    seq_len: int,
+    pad_id: int,
+    num_bins: int,
+    seed: int,
+    shuffle_rows: bool,
+    packing: str = "first_fit",
 ) -> grain.IterDataset:
-    """Chunk long documents, then first-fit pack them into rows of ``seq_len`` tokens."""
+    """Chunk long documents, then first-fit pack them into rows of ``seq_len`` tokens
+    (``packing="none"``: one chunk per row, in document order; ``num_bins``/``shuffle_rows`` unused)."""
+    if packing not in PACKING_MODES:
+        raise ValueError(f"data.packing: {packing!r}; allowed: {list(PACKING_MODES)}")
     chunks = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len))
+    if packing == "none":
+        return chunks.map(PadToRow(seq_len, pad_id))
     return grain.experimental.FirstFitPackIterDataset(
         chunks,
         length_struct={KEY: seq_len},

@@ -2,9 +2,10 @@
 
 Training: source -> training documents (eval ones removed) -> this host's shard (every
 ``process_count``-th document) -> per-epoch shuffle by seed -> repeat forever -> tokenize ->
-chunk + first-fit pack -> batches of ``global_batch_size // process_count`` rows. The returned
-iterator is grain's: ``get_state()`` is a JSON-serialisable dict and ``set_state`` resumes the exact
-data order. Evaluation: the held-out documents in order, packed, as a list of equal-shape batches.
+chunk + first-fit pack (``data.packing: none``: one chunk per padded row) -> batches of
+``global_batch_size // process_count`` rows. The returned iterator is grain's: ``get_state()`` is a
+JSON-serialisable dict and ``set_state`` resumes the exact data order. Evaluation: the held-out
+documents in order, packed (or one per row), as a list of equal-shape batches.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def train_dataset(
         num_bins=max(rows, MIN_PACKING_BINS),
         seed=cfg.seed,
         shuffle_rows=cfg.shuffle,
+        packing=cfg.packing,
     )
     return ds.batch(rows, drop_remainder=drop_remainder, batch_fn=functools.partial(to_batch, pad_id=tokenizer.pad_id))
 
@@ -177,6 +179,7 @@ def make_eval_batches(
         num_bins=batch_size,
         seed=cfg.seed,
         shuffle_rows=False,
+        packing=cfg.packing,
     )
     batches = list(ds.batch(batch_size, batch_fn=functools.partial(to_batch, pad_id=tokenizer.pad_id)))
     missing = batch_size - len(batches[-1]["input_ids"])
