@@ -1,6 +1,7 @@
 """Presets, overrides, official config.json loading, and the one-error-for-everything rule."""
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,31 @@ def test_cli_preset_unknown_name_lists_presets(spelling):
     assert len(info.value.errors) == 1
     with pytest.raises(ConfigError, match=rf"{spelling}: expected a preset name .* or a YAML file path"):
         load_recipe(RECIPES / "pretrain-tiny.yaml", [f"{spelling}=[1, 2]"])
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads_and_fits_8_devices(path):
+    """Each shipped recipe validates, its mesh fits the model's parameters and the batch on 8 devices,
+    and its rows fit the model's context (and, byte-level, its vocabulary)."""
+    from minicpm_jax.data.tokenizer import build_tokenizer, check_vocab
+    from minicpm_jax.info import model_info
+    from minicpm_jax.sharding import mesh_shape
+    from minicpm_jax.train.step import check_batch
+
+    cfg = load_recipe(path)
+    model_info(cfg, 8)  # raises when a parameter does not divide its mesh axes
+    mesh = SimpleNamespace(shape=mesh_shape(cfg.mesh, 8))
+    check_batch(mesh, cfg.train.global_batch_size, cfg.train.micro_batches, cfg.data.seq_len)
+    assert cfg.data.seq_len <= cfg.model.max_position_embeddings
+    assert cfg.train.output_dir.startswith("runs/")
+    if cfg.data.tokenizer is None:
+        check_vocab(build_tokenizer(None), cfg.model.vocab_size)
+
+
+def test_tiny_recipes_differ_only_in_preset_and_output_dir():
+    tiny = load_recipe(RECIPES / "pretrain-tiny.yaml")
+    for name, preset in (("pretrain-tiny-sala", "tiny-sala"), ("pretrain-tiny-sparse", "tiny-minicpm4-sparse")):
+        cfg = load_recipe(RECIPES / f"{name}.yaml")
+        assert cfg.model == load_config(preset).model.model_copy(update={"vocab_size": 320})
+        assert cfg.train == tiny.train.model_copy(update={"output_dir": f"runs/{name}"})
+        assert (cfg.data, cfg.mesh, cfg.optimizer, cfg.dtype) == (tiny.data, tiny.mesh, tiny.optimizer, tiny.dtype)
