@@ -1,8 +1,8 @@
 """Public entry points: ``infllm_v2_attention`` and ``block_sparse_attention`` with dispatch.
 
 ``implementation`` is one of "reference", "xla", "pallas_tpu", "pallas_gpu" or "auto" (Pallas TPU
-on TPU, XLA elsewhere). Below ``config.dense_len`` the call is exact dense causal attention;
-at or above it every query takes the sparse path (spec §4 step 0).
+on TPU, XLA elsewhere, with or without segment ids). Below ``config.dense_len`` the call is exact
+dense causal attention; at or above it every query takes the sparse path (spec §4 step 0).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def resolve_implementation(implementation: str, segment_ids=None) -> str:
-    """Maps "auto" to a concrete implementation for the default backend."""
+    """Maps "auto" to a concrete implementation for the default backend (Pallas TPU on TPU, XLA
+    elsewhere). Every implementation takes segment ids; ``segment_ids`` is accepted for callers
+    of the older signature and does not change the choice."""
+    del segment_ids
     if implementation == "auto":
-        return "pallas_tpu" if jax.default_backend() == "tpu" and segment_ids is None else "xla"
+        return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} must be 'auto' or one of {IMPLEMENTATIONS}")
-    if segment_ids is not None and implementation.startswith("pallas"):
-        raise ValueError(f"segment_ids are supported by 'reference' and 'xla', not implementation={implementation!r}")
     return implementation
 
 
@@ -34,7 +35,9 @@ def block_sparse_attention(
 ):
     """Causal attention of each query over the tokens of its listed blocks; empty rows give 0.
 
-    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n], -1 = unused slot.
+    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n], -1 = unused slot;
+    ``segment_ids`` int [B, T] (packed rows, every implementation): keys of other segments are
+    masked out.
     ``shared=(init, window)`` is a hint for the xla path (see ``xla.py``), ignored elsewhere.
     ``interpret=None`` interprets the Pallas kernels on CPU and compiles them elsewhere.
     """
@@ -46,6 +49,13 @@ def block_sparse_attention(
         )
     if not jnp.issubdtype(block_idx.dtype, jnp.integer):
         raise ValueError(f"block_idx dtype {block_idx.dtype} must be an integer type")
+    if segment_ids is not None and (
+        tuple(segment_ids.shape) != want[::2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"segment_ids (shape {tuple(segment_ids.shape)}, dtype {segment_ids.dtype}) must be integer [B, T] = "
+            f"{list(want[::2])}"
+        )
     if impl == "reference":
         return reference.block_sparse_attention(q, k, v, block_idx, block_size=block_size, segment_ids=segment_ids)
     if impl == "xla":
@@ -57,10 +67,14 @@ def block_sparse_attention(
     if impl == "pallas_tpu":
         from . import pallas_tpu
 
-        return pallas_tpu.block_sparse_attention(q, k, v, block_idx, block_size=block_size, interpret=bool(interpret))
+        return pallas_tpu.block_sparse_attention(
+            q, k, v, block_idx, block_size=block_size, segment_ids=segment_ids, interpret=bool(interpret)
+        )
     from . import pallas_gpu
 
-    return pallas_gpu.block_sparse_attention(q, k, v, block_idx, block_size=block_size, interpret=bool(interpret))
+    return pallas_gpu.block_sparse_attention(
+        q, k, v, block_idx, block_size=block_size, segment_ids=segment_ids, interpret=bool(interpret)
+    )
 
 
 def _validate(q, k, v, config, q_select, k_select, segment_ids):

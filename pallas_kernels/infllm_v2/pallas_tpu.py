@@ -3,9 +3,11 @@
 Grid ``(B, Hkv, q_tile, slot)``: each query tile (one block of tokens x the G heads of a KV head)
 walks the union of its tokens' selected blocks; the block ids and counts are scalar-prefetched
 into SMEM and drive the K/V ``index_map`` (splash's ``data_next`` idea with a static-width list,
-no dense mask). A row only uses the blocks its own token selected (mask from the selection block);
-the causal mask only matters on the tile's own block. Online softmax state lives in VMEM scratch.
-dK/dV walk the transposed list (key block -> query tiles). ``interpret=True`` runs on CPU.
+no dense mask). A row only uses the blocks its own token selected (mask from the selection block),
+causal by position; with segment ids the tile's and the key block's ids arrive as two more blocks
+(same index maps as the tile and K/V, see ``masks.py``) and keys of other segments are masked.
+Online softmax state lives in VMEM scratch. dK/dV walk the transposed list (key block -> query
+tiles). ``interpret=True`` runs on CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import block_lists as bl
+from . import masks
 
 F32 = jnp.float32
 EMPTY_LSE = 1e30  # lse of a row with no keys: exp(s - lse) == 0 in the backward
@@ -30,12 +33,13 @@ def _dot(a, b, ta=False, tb=False):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
-def _mask(sel, blk, tile, block_size):
-    """[Bk, Bk] mask (token, key): the token selected blk, causal within the tile's own block."""
+def _mask(sel, blk, tile, block_size, seg):
+    """[Bk, Bk] mask (token, key): the token listed blk, causal, and (with seg) same segment."""
     hit = jnp.max(jnp.where(sel == blk, 1, 0), axis=1, keepdims=True) > 0  # [Bk, 1]
-    t_pos = jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 0)
-    k_pos = jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 1)
-    return hit & ((k_pos <= t_pos) | (blk != tile))
+    t_pos = tile * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 0)
+    k_pos = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, block_size), 1)
+    segs = () if seg is None else (seg[0][...], seg[1][0:1, :])  # [Bk, 1] vs [1, Bk]
+    return hit & masks.allowed(t_pos, k_pos, *segs)
 
 
 def _where_rows(mask, s, other, groups):
@@ -45,14 +49,20 @@ def _where_rows(mask, s, other, groups):
     return jnp.where(mask[None], s3, other).reshape(rows, cols)
 
 
-def _probs(q, k, sel, blk, tile, lse, groups, block_size, scale):
+def _probs(q, k, sel, blk, tile, seg, lse, groups, block_size, scale):
     s = _dot(q, k, tb=True) * scale
-    return _where_rows(_mask(sel, blk, tile, block_size), jnp.exp(s - lse), 0.0, groups)
+    return _where_rows(_mask(sel, blk, tile, block_size, seg), jnp.exp(s - lse), 0.0, groups)
 
 
-def _fwd_kernel(
-    ids, cnt, off, q_ref, k_ref, v_ref, sel_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, groups, block_size, scale
-):
+def _split_refs(refs, segmented):
+    """Kernel refs after the scalar prefetch: (q, k, v, sel), the segment refs or None, the rest."""
+    if segmented:
+        return refs[:4], refs[4:6], refs[6:]
+    return refs[:4], None, refs[4:]
+
+
+def _fwd_kernel(ids, cnt, off, *refs, groups, block_size, scale, segmented):
+    (q_ref, k_ref, v_ref, sel_ref), seg, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, segmented)
     b, g, i, w = (pl.program_id(a) for a in range(4))
 
     @pl.when(w == 0)
@@ -65,7 +75,7 @@ def _fwd_kernel(
     def _():
         blk = ids[b, g, i, w]
         s = _dot(q_ref[...], k_ref[...], tb=True) * scale
-        s = _where_rows(_mask(sel_ref[...], blk, off[0] + i, block_size), s, -jnp.inf, groups)
+        s = _where_rows(_mask(sel_ref[...], blk, off[0] + i, block_size, seg), s, -jnp.inf, groups)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -82,9 +92,8 @@ def _fwd_kernel(
         lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(jnp.where(l > 0, l, 1.0)), EMPTY_LSE)
 
 
-def _dq_kernel(
-    ids, cnt, off, q_ref, k_ref, v_ref, sel_ref, do_ref, lse_ref, dl_ref, dq_ref, acc_sc, *, groups, block_size, scale
-):
+def _dq_kernel(ids, cnt, off, *refs, groups, block_size, scale, segmented):
+    (q_ref, k_ref, v_ref, sel_ref), seg, (do_ref, lse_ref, dl_ref, dq_ref, acc_sc) = _split_refs(refs, segmented)
     b, g, i, w = (pl.program_id(a) for a in range(4))
 
     @pl.when(w == 0)
@@ -93,9 +102,8 @@ def _dq_kernel(
 
     @pl.when(w < cnt[b, g, i])
     def _():
-        p = _probs(
-            q_ref[...], k_ref[...], sel_ref[...], ids[b, g, i, w], off[0] + i, lse_ref[...], groups, block_size, scale
-        )
+        blk, tile = ids[b, g, i, w], off[0] + i
+        p = _probs(q_ref[...], k_ref[...], sel_ref[...], blk, tile, seg, lse_ref[...], groups, block_size, scale)
         ds = p * (_dot(do_ref[...], v_ref[...], tb=True) - dl_ref[...])
         acc_sc[...] += _dot(ds.astype(k_ref.dtype), k_ref[...]) * scale
 
@@ -104,26 +112,9 @@ def _dq_kernel(
         dq_ref[...] = acc_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    ids,
-    cnt,
-    off,
-    q_ref,
-    k_ref,
-    v_ref,
-    sel_ref,
-    do_ref,
-    lse_ref,
-    dl_ref,
-    dk_ref,
-    dv_ref,
-    dk_sc,
-    dv_sc,
-    *,
-    groups,
-    block_size,
-    scale,
-):
+def _dkv_kernel(ids, cnt, off, *refs, groups, block_size, scale, segmented):
+    (q_ref, k_ref, v_ref, sel_ref), seg, rest = _split_refs(refs, segmented)
+    do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_sc, dv_sc = rest
     b, g, j, w = (pl.program_id(a) for a in range(4))
 
     @pl.when(w == 0)
@@ -134,7 +125,8 @@ def _dkv_kernel(
     @pl.when(w < cnt[b, g, j])
     def _():
         q, do = q_ref[...], do_ref[...]
-        p = _probs(q, k_ref[...], sel_ref[...], off[0] + j, ids[b, g, j, w], lse_ref[...], groups, block_size, scale)
+        blk, tile = off[0] + j, ids[b, g, j, w]
+        p = _probs(q, k_ref[...], sel_ref[...], blk, tile, seg, lse_ref[...], groups, block_size, scale)
         dv_sc[...] += _dot(p.astype(do.dtype), do, ta=True)
         ds = p * (_dot(do, v_ref[...], tb=True) - dl_ref[...])
         dk_sc[...] += _dot(ds.astype(q.dtype), q, ta=True) * scale
@@ -146,7 +138,8 @@ def _dkv_kernel(
 
 
 def _specs(rows, d, block_size, n, transposed):
-    """BlockSpecs for (q-like tile, k/v block, selection, per-row scalar) on the 4-D grid."""
+    """BlockSpecs on the 4-D grid: q-like tile, k/v block, selection, per-row scalar, and the
+    segment ids of the tile ([Bk, 1]) and of the key block ([8, Bk]) (layouts in ``masks.py``)."""
     if transposed:  # grid (b, g, key block j, slot w): the tile comes from the list
         tile = lambda b, g, j, w, ids, cnt, off: ids[b, g, j, w]
         kblk = lambda b, g, j, w, ids, cnt, off: j
@@ -157,7 +150,9 @@ def _specs(rows, d, block_size, n, transposed):
     ks = pl.BlockSpec((None, None, block_size, d), lambda *a: (a[0], a[1], kblk(*a), 0))
     ss = pl.BlockSpec((None, None, block_size, n), lambda *a: (a[0], a[1], tile(*a), 0))
     rs = pl.BlockSpec((None, None, None, rows, 1), lambda *a: (a[0], a[1], tile(*a), 0, 0))
-    return qs, ks, ss, rs
+    qsg = pl.BlockSpec((None, None, None, block_size, 1), lambda *a: (a[0], 0, tile(*a), 0, 0))
+    ksg = pl.BlockSpec((None, None, None, masks.SUBLANES, block_size), lambda *a: (a[0], 0, kblk(*a), 0, 0))
+    return qs, ks, ss, rs, qsg, ksg
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
@@ -172,12 +167,12 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
     )
 
 
-def _prepare(q, k, v, block_idx, block_size):
+def _prepare(q, k, v, block_idx, segment_ids, block_size):
     hkv = k.shape[2]
     qt, kt, vt = bl.to_tiles(q, hkv, block_size), bl.to_kv(k, block_size), bl.to_kv(v, block_size)
     sel = bl.pad_selection(block_idx.astype(jnp.int32), block_size)
     lists = bl.tile_blocks(sel, block_size, kt.shape[2] // block_size)
-    return qt, kt, vt, sel, lists
+    return qt, kt, vt, sel, lists, masks.tpu_segments(segment_ids, block_size)
 
 
 def _group_size(b, hkv, width, smem_bytes):
@@ -202,118 +197,134 @@ def _merge(x, axis, n):
 
 
 def _grouped(fn, size, n, split_args, full_args):
-    """lax.map of fn(offset[1], *group_slices, *full_args) over groups of `size` along axis 2."""
+    """lax.map of fn(offset[1], group_slices, full_args) over groups of `size` along axis 2."""
     groups = -(-n // size)
     xs = [_split(a, 2, size * r, fill) for a, r, fill in split_args]
-    outs = jax.lax.map(
-        lambda x: fn(x[0], *x[1:], *full_args), [jnp.arange(groups, dtype=jnp.int32)[:, None] * size] + xs
-    )
-    return outs
+    offs = jnp.arange(groups, dtype=jnp.int32)[:, None] * size
+    return jax.lax.map(lambda x: fn(x[0], x[1:], full_args), [offs] + xs)
 
 
-def _forward(qt, kt, vt, sel, lists, block_size, interpret, smem_bytes):
+def _forward(qt, kt, vt, sel, lists, segs, block_size, interpret, smem_bytes):
     b, hkv, nt, rows, d = qt.shape
-    kw = dict(groups=rows // block_size, block_size=block_size, scale=1.0 / math.sqrt(d))
+    seg = segs is not None
+    kw = dict(groups=rows // block_size, block_size=block_size, scale=1.0 / math.sqrt(d), segmented=seg)
     (ids, cnt), _ = lists
     width = ids.shape[-1]
     size = min(nt, _group_size(b, hkv, width, smem_bytes))
-    qs, ks, ss, rs = _specs(rows, d, block_size, sel.shape[-1], False)
+    qs, ks, ss, rs, qsg, ksg = _specs(rows, d, block_size, sel.shape[-1], False)
     scratch = [
         pltpu.MemorySpace.VMEM((rows, 1), F32),
         pltpu.MemorySpace.VMEM((rows, 1), F32),
         pltpu.MemorySpace.VMEM((rows, d), F32),
     ]
 
-    def one(off, ids_g, cnt_g, q_g, sel_g, k_all, v_all):
+    def one(off, split, full):
+        ids_g, cnt_g, q_g, sel_g, *qseg = split
+        k_all, v_all, *kseg = full
         return _call(
             functools.partial(_fwd_kernel, **kw),
             (b, hkv, size, width),
-            [qs, ks, ks, ss],
+            [qs, ks, ks, ss] + ([qsg, ksg] if seg else []),
             [qs, rs],
             [jax.ShapeDtypeStruct(q_g.shape, q_g.dtype), jax.ShapeDtypeStruct(q_g.shape[:-1] + (1,), F32)],
             scratch,
             interpret,
-        )(ids_g, cnt_g, off, q_g, k_all, v_all, sel_g)
+        )(ids_g, cnt_g, off, q_g, k_all, v_all, sel_g, *qseg, *kseg)
 
-    o, lse = _grouped(one, size, nt, [(ids, 1, 0), (cnt, 1, 0), (qt, 1, 0), (sel, block_size, -1)], [kt, vt])
+    split = [(ids, 1, 0), (cnt, 1, 0), (qt, 1, 0), (sel, block_size, -1)] + ([(segs[0], 1, masks.Q_PAD)] if seg else [])
+    o, lse = _grouped(one, size, nt, split, [kt, vt] + ([segs[1]] if seg else []))
     return _merge(o, 2, nt), _merge(lse, 2, nt)
 
 
-def _backward(qt, kt, vt, sel, lists, ot, lse, dot_, block_size, interpret, smem_bytes):
+def _backward(qt, kt, vt, sel, lists, segs, ot, lse, dot_, block_size, interpret, smem_bytes):
     b, hkv, nt, rows, d = qt.shape
     nb = kt.shape[2] // block_size
-    kw = dict(groups=rows // block_size, block_size=block_size, scale=1.0 / math.sqrt(d))
+    seg = segs is not None
+    qseg, kseg = ([segs[0]], [segs[1]]) if seg else ([], [])
+    kw = dict(groups=rows // block_size, block_size=block_size, scale=1.0 / math.sqrt(d), segmented=seg)
     (ids, cnt), (tids, tcnt) = lists
     delta = jnp.sum(dot_.astype(F32) * ot.astype(F32), axis=-1, keepdims=True)
     n = sel.shape[-1]
 
-    qs, ks, ss, rs = _specs(rows, d, block_size, n, False)
+    qs, ks, ss, rs, qsg, ksg = _specs(rows, d, block_size, n, False)
+    seg_specs = [qsg, ksg] if seg else []
     size = min(nt, _group_size(b, hkv, ids.shape[-1], smem_bytes))
 
-    def dq_one(off, ids_g, cnt_g, q_g, sel_g, do_g, lse_g, dl_g, k_all, v_all):
+    def dq_one(off, split, full):
+        ids_g, cnt_g, q_g, sel_g, do_g, lse_g, dl_g, *qseg_g = split
+        k_all, v_all, *kseg_all = full
         return _call(
             functools.partial(_dq_kernel, **kw),
             (b, hkv, size, ids.shape[-1]),
-            [qs, ks, ks, ss, qs, rs, rs],
+            [qs, ks, ks, ss] + seg_specs + [qs, rs, rs],
             qs,
             jax.ShapeDtypeStruct(q_g.shape, q_g.dtype),
             [pltpu.MemorySpace.VMEM((rows, d), F32)],
             interpret,
-        )(ids_g, cnt_g, off, q_g, k_all, v_all, sel_g, do_g, lse_g, dl_g)
+        )(ids_g, cnt_g, off, q_g, k_all, v_all, sel_g, *qseg_g, *kseg_all, do_g, lse_g, dl_g)
 
     tiles = [(ids, 1, 0), (cnt, 1, 0), (qt, 1, 0), (sel, block_size, -1), (dot_, 1, 0), (lse, 1, 0), (delta, 1, 0)]
-    dq = _merge(_grouped(dq_one, size, nt, tiles, [kt, vt]), 2, nt)
+    tiles += [(x, 1, masks.Q_PAD) for x in qseg]
+    dq = _merge(_grouped(dq_one, size, nt, tiles, [kt, vt] + kseg), 2, nt)
 
-    qs, ks, ss, rs = _specs(rows, d, block_size, n, True)
+    qs, ks, ss, rs, qsg, ksg = _specs(rows, d, block_size, n, True)
+    seg_specs = [qsg, ksg] if seg else []
     size = min(nb, _group_size(b, hkv, tids.shape[-1], smem_bytes))
 
-    def dkv_one(off, ids_g, cnt_g, k_g, v_g, q_all, sel_all, do_all, lse_all, dl_all):
+    def dkv_one(off, split, full):
+        ids_g, cnt_g, k_g, v_g, *kseg_g = split
+        q_all, sel_all, do_all, lse_all, dl_all, *qseg_all = full
         kv_shape = jax.ShapeDtypeStruct(k_g.shape, k_g.dtype)
         return _call(
             functools.partial(_dkv_kernel, **kw),
             (b, hkv, size, tids.shape[-1]),
-            [qs, ks, ks, ss, qs, rs, rs],
+            [qs, ks, ks, ss] + seg_specs + [qs, rs, rs],
             [ks, ks],
             [kv_shape, kv_shape],
             [pltpu.MemorySpace.VMEM((block_size, d), F32)] * 2,
             interpret,
-        )(ids_g, cnt_g, off, q_all, k_g, v_g, sel_all, do_all, lse_all, dl_all)
+        )(ids_g, cnt_g, off, q_all, k_g, v_g, sel_all, *qseg_all, *kseg_g, do_all, lse_all, dl_all)
 
     blocks = [(tids, 1, 0), (tcnt, 1, 0), (kt, block_size, 0), (vt, block_size, 0)]
-    dk, dv = _grouped(dkv_one, size, nb, blocks, [qt, sel, dot_, lse, delta])
+    blocks += [(x, 1, masks.K_PAD) for x in kseg]
+    dk, dv = _grouped(dkv_one, size, nb, blocks, [qt, sel, dot_, lse, delta] + qseg)
     return dq, _merge(dk, 2, nb * block_size), _merge(dv, 2, nb * block_size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, block_idx, block_size, interpret, smem_bytes):
-    qt, kt, vt, sel, lists = _prepare(q, k, v, block_idx, block_size)
-    ot, _ = _forward(qt, kt, vt, sel, lists, block_size, interpret, smem_bytes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, block_idx, segment_ids, block_size, interpret, smem_bytes):
+    qt, kt, vt, sel, lists, segs = _prepare(q, k, v, block_idx, segment_ids, block_size)
+    ot, _ = _forward(qt, kt, vt, sel, lists, segs, block_size, interpret, smem_bytes)
     return bl.from_tiles(ot, q.shape[1], q.shape[2], block_size)
 
 
-def _attention_fwd(q, k, v, block_idx, block_size, interpret, smem_bytes):
-    qt, kt, vt, sel, lists = _prepare(q, k, v, block_idx, block_size)
-    ot, lse = _forward(qt, kt, vt, sel, lists, block_size, interpret, smem_bytes)
+def _attention_fwd(q, k, v, block_idx, segment_ids, block_size, interpret, smem_bytes):
+    qt, kt, vt, sel, lists, segs = _prepare(q, k, v, block_idx, segment_ids, block_size)
+    ot, lse = _forward(qt, kt, vt, sel, lists, segs, block_size, interpret, smem_bytes)
     o = bl.from_tiles(ot, q.shape[1], q.shape[2], block_size)
-    return o, (qt, kt, vt, sel, lists, ot, lse, block_idx)
+    return o, (qt, kt, vt, sel, lists, segs, ot, lse)
 
 
 def _attention_bwd(block_size, interpret, smem_bytes, res, do):
-    qt, kt, vt, sel, lists, ot, lse, block_idx = res
+    qt, kt, vt, sel, lists, segs, ot, lse = res
     t, hq = do.shape[1], do.shape[2]
     dot_ = bl.to_tiles(do, kt.shape[1], block_size)
-    dq, dk, dv = _backward(qt, kt, vt, sel, lists, ot, lse, dot_, block_size, interpret, smem_bytes)
-    return (bl.from_tiles(dq, t, hq, block_size), bl.from_kv(dk, t), bl.from_kv(dv, t), None)
+    dq, dk, dv = _backward(qt, kt, vt, sel, lists, segs, ot, lse, dot_, block_size, interpret, smem_bytes)
+    return (bl.from_tiles(dq, t, hq, block_size), bl.from_kv(dk, t), bl.from_kv(dv, t), None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_sparse_attention(q, k, v, block_idx, *, block_size, interpret=False, smem_bytes=SMEM_LIST_BYTES):
+def block_sparse_attention(
+    q, k, v, block_idx, *, block_size, segment_ids=None, interpret=False, smem_bytes=SMEM_LIST_BYTES
+):
     """Pallas TPU version of ``xla.block_sparse_attention`` (same arguments and semantics).
 
+    ``segment_ids`` int [B, T] (packed rows): a key is used only by queries of its segment.
     Query tiles (and, in the dK/dV pass, key blocks) are processed in groups, one ``pallas_call``
     per group under ``lax.map``, so that each call's scalar-prefetched block list fits in
     ``smem_bytes`` of SMEM.
     """
-    return _attention(q, k, v, jax.lax.stop_gradient(block_idx), block_size, interpret, smem_bytes)
+    block_idx = jax.lax.stop_gradient(block_idx)
+    return _attention(q, k, v, block_idx, segment_ids, block_size, interpret, smem_bytes)

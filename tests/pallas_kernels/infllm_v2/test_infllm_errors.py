@@ -1,10 +1,12 @@
 """Bad configurations and inputs raise a clear ValueError naming the argument."""
 
 import pytest
+import jax
 import jax.numpy as jnp
 
 from infllm_testutil import small_config
-from pallas_kernels.infllm_v2 import InfLLMv2Config, block_sparse_attention, infllm_v2_attention
+from pallas_kernels.infllm_v2 import IMPLEMENTATIONS, InfLLMv2Config, block_sparse_attention, infllm_v2_attention
+from pallas_kernels.infllm_v2 import resolve_implementation
 
 
 @pytest.mark.parametrize(
@@ -63,21 +65,24 @@ def test_bad_optional_inputs():
         infllm_v2_attention(q, k, v, config=dict(topk=3))
     with pytest.raises(ValueError, match="implementation='cuda'"):
         infllm_v2_attention(q, k, v, config=cfg, implementation="cuda")
-    for impl in ("pallas_tpu", "pallas_gpu"):
-        with pytest.raises(ValueError, match="segment_ids are supported by"):
-            block_sparse_attention(
-                q,
-                k,
-                v,
-                jnp.zeros((1, 2, 64, 1), jnp.int32),
-                block_size=16,
-                segment_ids=jnp.zeros((1, 64), jnp.int32),
-                implementation=impl,
-            )
+    sel = jnp.zeros((1, 2, 64, 1), jnp.int32)
+    for bad in (jnp.zeros((1, 63), jnp.int32), jnp.zeros((1, 64), jnp.float32)):
+        with pytest.raises(ValueError, match="segment_ids \\(shape .* must be integer \\[B, T\\] = \\[1, 64\\]"):
+            block_sparse_attention(q, k, v, sel, block_size=16, segment_ids=bad, implementation="pallas_tpu")
     with pytest.raises(ValueError, match="block_idx shape"):
         block_sparse_attention(q, k, v, jnp.zeros((1, 4, 64, 1), jnp.int32), block_size=16)
     with pytest.raises(ValueError, match="block_idx dtype"):
         block_sparse_attention(q, k, v, jnp.zeros((1, 2, 64, 1)), block_size=16)
+
+
+def test_segment_ids_accepted_by_every_implementation(monkeypatch):
+    """Segment ids never change the choice: "auto" is xla on CPU and pallas_tpu on TPU."""
+    seg = jnp.zeros((1, 64), jnp.int32)
+    for impl in IMPLEMENTATIONS:
+        assert resolve_implementation(impl, seg) == impl
+    assert resolve_implementation("auto", seg) == resolve_implementation("auto") == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert resolve_implementation("auto", seg) == resolve_implementation("auto") == "pallas_tpu"
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
