@@ -1,9 +1,9 @@
 """Lowering checks with jax.export at the MiniCPM4-8B shape (no accelerator needed).
 
 Hq=32, Hkv=2, D=128, T=32768, block 64, 96 selected blocks. The Pallas TPU kernels (forward and
-backward) must lower to Mosaic TPU; on CUDA the XLA path (the GPU default) must lower, and the
-GPU Pallas kernel (Triton backend) must lower for cuda; the facts that keep a Mosaic GPU kernel
-out (see pallas_gpu.py) are pinned.
+backward, with and without segment ids) must lower to Mosaic TPU; on CUDA the XLA path (the GPU
+default) must lower, and the GPU Pallas kernel (Triton backend, with and without segment ids) must
+lower for cuda; the facts that keep a Mosaic GPU kernel out (see pallas_gpu.py) are pinned.
 """
 
 import pytest
@@ -20,28 +20,32 @@ pytestmark = pytest.mark.lowering
 B, T, HQ, HKV, D, NSEL = 1, 32768, 32, 2, 128, 96
 
 
-def _avals(dtype):
+def _avals(dtype, segments=False):
     return (
         jax.ShapeDtypeStruct((B, T, HQ, D), dtype),
         jax.ShapeDtypeStruct((B, T, HKV, D), dtype),
         jax.ShapeDtypeStruct((B, T, HKV, D), dtype),
         jax.ShapeDtypeStruct((B, HKV, T, NSEL), jnp.int32),
-    )
+    ) + ((jax.ShapeDtypeStruct((B, T), jnp.int32),) if segments else ())
 
 
 def _fwd_bwd(impl):
-    fwd = lambda q, k, v, s: block_sparse_attention(q, k, v, s, block_size=64, implementation=impl, interpret=False)
+    """fwd(q, k, v, sel[, segment_ids]) and bwd(q, k, v, sel[, segment_ids], do) -> (dq, dk, dv)."""
 
-    def bwd(q, k, v, s, do):
-        return jax.vjp(lambda q, k, v: fwd(q, k, v, s), q, k, v)[1](do)
+    def fwd(q, k, v, s, seg=None):
+        return block_sparse_attention(q, k, v, s, block_size=64, segment_ids=seg, implementation=impl, interpret=False)
+
+    def bwd(q, k, v, s, *rest):
+        *seg, do = rest
+        return jax.vjp(lambda q, k, v: fwd(q, k, v, s, *seg), q, k, v)[1](do)
 
     return fwd, bwd
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_pallas_tpu_lowers(dtype):
+@pytest.mark.parametrize("dtype,segments", [(jnp.bfloat16, False), (jnp.float32, False), (jnp.bfloat16, True)])
+def test_pallas_tpu_lowers(dtype, segments):
     fwd, bwd = _fwd_bwd("pallas_tpu")
-    avals = _avals(dtype)
+    avals = _avals(dtype, segments)
     e = export.export(jax.jit(fwd), platforms=["tpu"])(*avals)
     assert e.mlir_module().count("tpu_custom_call") == 1
     assert e.out_avals[0].shape == (B, T, HQ, D)
@@ -51,10 +55,11 @@ def test_pallas_tpu_lowers(dtype):
     assert [a.shape for a in e.out_avals] == [avals[0].shape, avals[1].shape, avals[2].shape]
 
 
-def test_pallas_gpu_triton_lowers_for_cuda():
+@pytest.mark.parametrize("segments", [False, True])
+def test_pallas_gpu_triton_lowers_for_cuda(segments):
     """The Triton-backend GPU kernel (fwd + bwd) lowers for cuda; serialising needs the check off."""
     fwd, bwd = _fwd_bwd("pallas_gpu")
-    avals = _avals(jnp.bfloat16)
+    avals = _avals(jnp.bfloat16, segments)
     target = "__gpu$xla.gpu.triton"
     with pytest.raises(ValueError, match="custom calls whose targets have no compatibility"):
         export.export(jax.jit(fwd), platforms=["cuda"])(*avals)
