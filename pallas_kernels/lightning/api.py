@@ -3,6 +3,7 @@
 
 Semantics (SALA / FLA simple-GLA, per batch and head, λ = exp(log_decay[h])):
 ``S_t = λ·S_{t−1} + k_tᵀ v_t`` and ``o_t = scale·q_t S_t`` — decay first, current token undecayed.
+Packed rows (``segment_ids``) reset ``S`` to zero at every document start.
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from . import decode, recurrent, reference, validation
+from . import chunking, decode, recurrent, reference, validation
 
 _F32 = jnp.float32
 _CHUNKED = ("xla", "pallas_tpu", "pallas_gpu")
@@ -30,30 +31,34 @@ def _module(cfg):
     return importlib.import_module(f"{__package__}.{cfg.implementation}")
 
 
-def _kwargs(cfg):
+def _kwargs(cfg, docs):
     kw = dict(scale=cfg.scale, chunk_size=cfg.chunk_size)
     if cfg.implementation.startswith("pallas"):
         kw["interpret"] = cfg.interpret
+    if docs is not None:  # segment_ids=None keeps the unmasked code path (no docs argument)
+        kw["docs"] = docs
     return kw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _chunked(q, k, v, log_decay, state, cfg):
-    o, final, _ = _module(cfg).forward(q, k, v, log_decay, state, save_states=False, **_kwargs(cfg))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _chunked(q, k, v, log_decay, state, docs, cfg):
+    o, final, _ = _module(cfg).forward(q, k, v, log_decay, state, save_states=False, **_kwargs(cfg, docs))
     return o, final
 
 
-def _chunked_fwd(q, k, v, log_decay, state, cfg):
-    o, final, states = _module(cfg).forward(q, k, v, log_decay, state, save_states=True, **_kwargs(cfg))
-    return (o, final), (q, k, v, log_decay, states)
+def _chunked_fwd(q, k, v, log_decay, state, docs, cfg):
+    o, final, states = _module(cfg).forward(q, k, v, log_decay, state, save_states=True, **_kwargs(cfg, docs))
+    return (o, final), (q, k, v, log_decay, states, docs)
 
 
 def _chunked_bwd(cfg, res, cotangents):
-    q, k, v, log_decay, states = res
+    q, k, v, log_decay, states, docs = res
     do, d_final = cotangents
-    dq, dk, dv, d_state = _module(cfg).backward(q, k, v, log_decay, states, do, d_final, **_kwargs(cfg))
-    # log_decay is a fixed (non-trainable) per-head constant in SALA: it gets a zero cotangent.
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(log_decay), d_state)
+    dq, dk, dv, d_state = _module(cfg).backward(q, k, v, log_decay, states, do, d_final, **_kwargs(cfg, docs))
+    # log_decay is a fixed (non-trainable) per-head constant in SALA: it gets a zero cotangent;
+    # the integer document index gets none.
+    grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(log_decay), d_state)
+    return grads + (None,)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -71,6 +76,7 @@ def lightning_attention(
     chunk_size=64,
     implementation="auto",
     interpret=None,
+    segment_ids=None,
 ):
     """Lightning (simple-GLA, constant per-head decay) attention.
 
@@ -85,6 +91,16 @@ def lightning_attention(
         ``"recurrent"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
       interpret: Pallas only. ``None``: compiled kernel, error off its backend; ``True``: interpret
         mode (CPU tests); ``False``: compiled kernel even off-backend (``jax.export`` lowering).
+      segment_ids: optional integer ``[B, T]`` for packed rows (e.g. ``1,1,1,2,2,0,0``; 0 is
+        padding by convention but is not special: it is a document like any other). The state is
+        reset to zero wherever ``segment_ids[b, t] != segment_ids[b, t−1]`` (a document start),
+        so token t sees key s ≤ t only if no document start lies in (s, t]: a packed row gives
+        exactly what running each document alone gives (non-contiguous repeats of an id are
+        separate documents). ``initial_state`` applies only to the row's first document (the
+        tokens before its first document start); the final state is the state after the row's
+        last token, i.e. of its last document (padding included if the row ends in padding), and
+        contains ``initial_state`` only when the row is a single document. Supported by every
+        implementation, forward and backward; ``None`` runs the unmasked code.
 
     Returns:
       ``o [B, T, H, Dv]`` in the input dtype, or ``(o, final_state fp32)``.
@@ -99,17 +115,22 @@ def lightning_attention(
     else:
         validation.check_state("initial_state", initial_state, (b, h, dk, dv))
         state = initial_state.astype(_F32)
+    docs = None
+    if segment_ids is not None:
+        validation.check_segment_ids(segment_ids, (b, t))
+        docs = chunking.document_index(jnp.asarray(segment_ids))
+    seg = {} if docs is None else dict(docs=docs)
     if impl == "reference":
-        o, final = reference.forward(q, k, v, log_decay, state, scale=scale)
+        o, final = reference.forward(q, k, v, log_decay, state, scale=scale, **seg)
     elif impl == "recurrent":
-        o, final = recurrent.forward(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size)
+        o, final = recurrent.forward(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size, **seg)
     else:
         chunk = min(chunk_size, t) if impl == "xla" else chunk_size
         interp = (
             interpret if impl == "pallas_tpu" and not isinstance(interpret, (bool, type(None))) else bool(interpret)
         )  # pltpu.InterpretParams passes through (TPU interpreter)
         cfg = _Config(impl, scale, int(chunk), interp)
-        o, final = _chunked(q, k, v, log_decay, state, cfg)
+        o, final = _chunked(q, k, v, log_decay, state, docs, cfg)
     o = o.astype(q.dtype)
     return (o, final) if return_final_state else o
 

@@ -1,9 +1,18 @@
-"""Chunk layout and decay factors shared by the chunked implementations (XLA and Pallas).
+"""Chunk layout, decay factors and packed-row (segment) masks shared by the implementations.
 
 Sequences are right-padded with zeros to ``N = ceil(T/C)`` chunks. Zero keys/values add nothing
 to the state; the last chunk's real length ``L`` sets its key decay ``λ^{L−1−j}`` and block decay
 ``λ^L``, so the final state is exact for any T. All factors are ``exp(g·Δ)`` with Δ ≥ 0.
+
+Packed rows: segment ids become a document index ``d = cumsum(seg_t ≠ seg_{t−1})`` (``d_0 = 0``).
+Per chunk n with ``rel = d − d_prev(n)`` (``d_prev(n)``: document of the last token of chunk
+n−1, of token 0 for n = 0) the factors are masked as: intra ``[rel_i = rel_j]``, query inter
+``[rel_i = 0]`` (the entering state belongs to the query's document), key decay
+``[rel_j = rel_last]`` (the leaving state holds only the last document) and chunk carry
+``keep = [rel_last = 0]``.
 """
+
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,13 +65,91 @@ def decay_factors(log_decay, t: int, chunk_size: int):
     return intra, qdec, kdec
 
 
-def chunk_scan(u, lengths, log_decay, init, group=16):
+def document_index(segment_ids):
+    """``[B,T]`` integer segment ids -> int32 document index (0 at t = 0, +1 at every change)."""
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), starts], axis=1)
+    return jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+
+
+def chunk_documents(docs, total, chunk_size, front=False):
+    """Doc index ``[B,T]`` -> per-chunk relative index ``rel [B,N,C]`` (``d − d_prev(n)``, ≥ 0).
+
+    The sequence is padded to ``total = N·C`` tokens by repeating its edge document (right
+    padding joins the last document, front padding the first), so padded (zero) tokens never
+    split a chunk's documents.
+    """
+    b, t = docs.shape
+    pad = (total - t, 0) if front else (0, total - t)
+    dc = jnp.pad(docs, ((0, 0), pad), mode="edge").reshape(b, total // chunk_size, chunk_size)
+    prev = jnp.concatenate([dc[:, :1, 0], dc[:, :-1, -1]], axis=1)  # [B,N]
+    return dc - prev[:, :, None]
+
+
+class SegmentMasks(NamedTuple):
+    """Boolean masks of one packed batch in chunk layout (see the module docstring)."""
+
+    same: jnp.ndarray  # [B,N,C,C] rel_i = rel_j
+    qmask: jnp.ndarray  # [B,N,C] rel_i = 0
+    kmask: jnp.ndarray  # [B,N,C] rel_j = rel_last
+    keep: jnp.ndarray  # [B,N] rel_last = 0
+
+
+def segment_masks(rel):
+    """``rel [B,N,C]`` (from ``chunk_documents``) -> ``SegmentMasks``."""
+    last = rel[..., -1:]
+    return SegmentMasks(rel[..., :, None] == rel[..., None, :], rel == 0, rel == last, last[..., 0] == 0)
+
+
+def document_bounds(rel):
+    """First and last local index of each token's document inside its chunk (int32 ``[B,N,C]``)."""
+    start = jnp.sum(rel[..., None, :] < rel[..., :, None], axis=-1, dtype=jnp.int32)
+    end = jnp.sum(rel[..., None, :] <= rel[..., :, None], axis=-1, dtype=jnp.int32) - 1
+    return start, end
+
+
+def batched_factors(log_decay, t: int, chunk_size: int, docs=None):
+    """``decay_factors`` shaped to broadcast against ``[B,H,N,C,·]`` chunk tensors, masked per
+    batch when ``docs`` (document index ``[B,T]``) is given.
+
+    Returns ``intra [1|B,H,1|N,C,C]``, ``qdec [1|B,H,1|N,C]``, ``kdec [1|B,H,N,C]`` and the chunk
+    carry flags ``keep`` (``None`` without docs, else bool ``[B,N]``) for ``chunk_scan``.
+    """
+    intra, qdec, kdec = decay_factors(log_decay, t, chunk_size)
+    intra, qdec, kdec = intra[None, :, None], qdec[None, :, None], kdec[None]
+    if docs is None:
+        return intra, qdec, kdec, None
+    n = num_chunks(t, chunk_size)
+    m = segment_masks(chunk_documents(docs, n * chunk_size, chunk_size))
+    mask = lambda keep, x: jnp.where(keep[:, None], x, 0.0)
+    return mask(m.same, intra), mask(m.qmask, qdec), mask(m.kmask, kdec), m.keep
+
+
+def _reset_factors(keep, ng, group):
+    """Multipliers that cut ``chunk_scan``'s group terms at resets (``keep = False`` steps).
+
+    With ``r`` = resets, ``inc``/``exc`` their inclusive/exclusive cumulative counts in a group:
+    step i reaches step j > i iff ``exc_j = inc_i``; the group exit iff ``inc_last = inc_i``; the
+    group entry reaches step j iff ``exc_j = 0``; and the entry reaches the exit iff ``inc_last = 0``.
+    Returns ``within [B,1,NG,G,G]``, ``to_end``/``enter [B,1,NG,G]`` and ``total [B,1,NG]`` (0/1).
+    """
+    r = jnp.pad(jnp.logical_not(keep).astype(jnp.int32), ((0, 0), (0, ng * group - keep.shape[1])))
+    inc = jnp.cumsum(r.reshape(-1, ng, group), axis=-1)
+    exc = inc - r.reshape(inc.shape)
+    f = lambda x: x.astype(_F32)[:, None]
+    within = f(exc[..., :, None] == inc[..., None, :])
+    return within, f(inc[..., -1:] == inc), f(exc == 0), f(inc[..., -1] == 0)
+
+
+def chunk_scan(u, lengths, log_decay, init, group=16, keep=None):
     """Linear recurrence over chunks ``x_{n+1} = λ^{len_n}·x_n + u_n`` with ``x_0 = init``.
 
     ``u`` is ``[B,H,N,Dk,Dv]``, ``lengths`` ``[N]`` (tokens per step, float), λ = exp(log_decay)
     per head. Returns ``(xs [B,H,N,Dk,Dv] = x_0..x_{N−1}, x_N)``. Two-level: inside groups of
     ``group`` chunks the contributions come from one batched matmul with a decay matrix
     ``exp(g·Δ)`` (Δ = tokens in between ≥ 0); only ``N/group`` sequential steps remain.
+    ``keep`` (optional bool ``[B,N]``): where False the carried term is dropped,
+    ``x_{n+1} = u_n`` (a document ends in step n); the factors then become per batch.
     """
     b, h, n = u.shape[:3]
     ng = -(-n // group)
@@ -77,16 +164,21 @@ def chunk_scan(u, lengths, log_decay, init, group=16):
     to_end = jnp.exp(g * (ends[:, -1:] - ends))  # [H, NG, G]
     enter = jnp.exp(g * starts)  # [H, NG, G]
     total = jnp.exp(g[:, :, 0] * ends[None, :, -1])  # [H, NG]
+    if keep is None:  # per-head factors; enter/total get a broadcast batch dim
+        fs, enter, total = "h", enter[None], total[None]
+    else:  # per-batch factors, cut at document ends
+        w, e, n_, t_ = _reset_factors(keep, ng, group)
+        fs, within, to_end, enter, total = "bh", within[None] * w, to_end[None] * e, enter[None] * n_, total[None] * t_
     ug = u.reshape(b, h, ng, group, *u.shape[3:])
     hi = dict(precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
-    local = jnp.einsum("hgji,bhgidv->bhgjdv", within, ug, **hi)
-    exits = jnp.einsum("hgi,bhgidv->bhgdv", to_end, ug, **hi)
+    local = jnp.einsum(f"{fs}gji,bhgidv->bhgjdv", within, ug, **hi)
+    exits = jnp.einsum(f"{fs}gi,bhgidv->bhgdv", to_end, ug, **hi)
 
     def step(x, xs):
         e, t = xs
-        return t[None, :, None, None] * x + e, x
+        return t[..., None, None] * x + e, x
 
-    last, entering = lax.scan(step, init.astype(_F32), (jnp.moveaxis(exits, 2, 0), jnp.moveaxis(total, 1, 0)))
+    last, entering = lax.scan(step, init.astype(_F32), (jnp.moveaxis(exits, 2, 0), jnp.moveaxis(total, 2, 0)))
     entering = jnp.moveaxis(entering, 0, 2)  # [B,H,NG,Dk,Dv]
-    xs = enter[None, :, :, :, None, None] * entering[:, :, :, None] + local
+    xs = enter[..., None, None] * entering[:, :, :, None] + local
     return xs.reshape(b, h, ng * group, *u.shape[3:])[:, :, :n], last

@@ -96,3 +96,12 @@ def check_chunk_size(chunk_size, implementation, dtype, head_dims):
         from . import pallas_gpu
 
         pallas_gpu.check_tiling(chunk_size, dtype, head_dims)
+
+
+def check_segment_ids(segment_ids, batch_seq):
+    """``segment_ids`` must be an integer ``[B, T]`` array (packed documents; 0 = padding)."""
+    shape = tuple(getattr(segment_ids, "shape", ()))
+    if shape != tuple(batch_seq):
+        raise ValueError(f"segment_ids must have shape [B, T] = {tuple(batch_seq)}, got {shape}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must have an integer dtype (e.g. int32), got {segment_ids.dtype}")
