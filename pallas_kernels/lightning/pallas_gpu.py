@@ -16,6 +16,13 @@ Four kernels: forward (o, final state), and a backward split in three so each fi
 of SMEM at D = 128 (each uses 209 KiB, single-buffered) — dq (forward order, recomputes S), dk
 and dv (reverse order, accumulate dS).
 
+Packed rows (``docs``): the per-token document masks of the row decays are folded into the same
+XLA operands (``q·λ^{i+1}·[rel_i = 0]``, ``k·λ^{C−1−j}·[rel_j = rel_last]``), the chunk carry
+``λ^C·[rel_last = 0]`` becomes a per-(row, chunk) vector in place of the per-head ``bvec``, and
+the intra-chunk mask is built in-kernel from one per-row bound: query row i keeps keys
+``j ≥ start_i`` (first index of its document in the chunk), key row j (transposed kernels)
+keeps queries ``i ≤ end_j``. Front padding joins the first document.
+
 Limits (checked with clear errors): inputs bf16/fp16 only (WGMMA operands; fp32 inputs would
 run as TF32 and miss fp32 parity — use ``xla``), ``chunk_size == 64`` (one warpgroup's M), head
 dims multiples of 64 up to 128. **Verification status:** the Mosaic GPU path is checked by
@@ -34,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .chunking import num_chunks
+from .chunking import chunk_documents, document_bounds, num_chunks, segment_masks
 
 _F32 = jnp.float32
 CHUNK = 64
@@ -74,6 +81,15 @@ class _Ops:
         """Broadcast a per-row ``[M]`` vector to ``shape``."""
         v = vec_ref[...] if self.interpret else plgpu.load(vec_ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
         return lax.broadcast_in_dim(v, shape, [0])
+
+    def doc_mask(self, x, bound_ref, upper):
+        """Zeroes ``x [M, N]`` outside the row's document: keeps columns ``j ≥ bound_i`` (or
+        ``j ≤ bound_i`` when ``upper``), ``bound`` a per-row ``[M]`` fp32 ref."""
+        col = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+        if not self.interpret:
+            col = plgpu.layout_cast(col, plgpu.Layout.WGMMA)
+        col, bound = col.astype(_F32), self.row_scale(bound_ref, x.shape)
+        return jnp.where(col <= bound if upper else col >= bound, x, 0.0)
 
     def to_gmem(self, src, dst, i):
         """Copies an SMEM tile into row ``i`` of a GMEM ref."""
@@ -142,11 +158,20 @@ def _state_step(ops, first, s32, s16, bvec, x, y):
     ops.commit()
 
 
-def _fwd_kernel(q, qd, k, kd, v, intra, bvec, o_ref, st_ref, s32, s16, *, ops, last):
+def _scores(ops, x, y, intra, bound, upper=False):
+    """``(x yᵀ) ⊙ intra`` (masked to the documents when ``bound`` is given), 16-bit."""
+    p = ops.mm([(x, y, False, True)]) * ops.load(intra)
+    if bound is not None:
+        p = ops.doc_mask(p, bound, upper)
+    return p.astype(x.dtype)
+
+
+def _fwd_kernel(q, qd, k, kd, v, intra, bvec, *rest, ops, last, seg):
     """``o = ((Q Kᵀ) ⊙ D) V + (Q·λ^{i+1}) S``; ``S ← λ^C S + (K·λ^{C−1−j})ᵀ V``."""
+    bound, (o_ref, st_ref, s32, s16) = (rest[0], rest[1:]) if seg else (None, rest)
     first = pl.program_id(1) == 0
     _init(ops, first, s16)
-    p = (ops.mm([(q, k, False, True)]) * ops.load(intra)).astype(q.dtype)
+    p = _scores(ops, q, k, intra, bound)
     o = ops.mm([(p, v, False, False), (qd, s16, False, False)])  # s16 = state entering the chunk
     o_ref[...] = o.astype(o_ref.dtype)
     _state_step(ops, first, s32, s16, bvec, kd, v)
@@ -158,17 +183,18 @@ def _fwd_kernel(q, qd, k, kd, v, intra, bvec, o_ref, st_ref, s32, s16, *, ops, l
         ops.to_gmem(s32, st_ref, row)
 
 
-def _dq_kernel(k, kd, v, do, dod, intra, bvec, dq_ref, s32, s16, *, ops, last):
+def _dq_kernel(k, kd, v, do, dod, intra, bvec, *rest, ops, last, seg):
     """``dq = ((dO Vᵀ) ⊙ D) K + (dO·λ^{i+1}) Sᵀ``, recomputing S in chunk order."""
     del last
+    bound, (dq_ref, s32, s16) = (rest[0], rest[1:]) if seg else (None, rest)
     first = pl.program_id(1) == 0
     _init(ops, first, s16)
-    ds = (ops.mm([(do, v, False, True)]) * ops.load(intra)).astype(k.dtype)
+    ds = _scores(ops, do, v, intra, bound)
     dq_ref[...] = ops.mm([(ds, k, False, False), (dod, s16, False, True)]).astype(dq_ref.dtype)
     _state_step(ops, first, s32, s16, bvec, kd, v)
 
 
-def _dkv_kernel(x, a, b, xd, qd, intra_t, bvec, out_ref, s32, s16, *, ops, last, for_dk):
+def _dkv_kernel(x, a, b, xd, qd, intra_t, bvec, *rest, ops, last, for_dk, seg):
     """Reverse chunk order, ``s32`` = dS (grad of the state leaving the chunk).
 
     dk: ``x, a, b, xd = v, dO, Q, V·λ^{C−1−j}``: ``dk = ((V dOᵀ) ⊙ Dᵀ) Q + xd·dSᵀ``;
@@ -176,25 +202,36 @@ def _dkv_kernel(x, a, b, xd, qd, intra_t, bvec, out_ref, s32, s16, *, ops, last,
     then ``dS ← λ^C dS + (Q·λ^{i+1})ᵀ dO``.
     """
     del last
+    bound, (out_ref, s32, s16) = (rest[0], rest[1:]) if seg else (None, rest)
     first = pl.program_id(1) == 0
     _init(ops, first, s16)
-    sc = (ops.mm([(x, a, False, True)]) * ops.load(intra_t)).astype(x.dtype)
+    sc = _scores(ops, x, a, intra_t, bound, upper=True)
     out_ref[...] = ops.mm([(sc, b, False, False), (xd, s16, False, for_dk)]).astype(out_ref.dtype)
     _state_step(ops, first, s32, s16, bvec, qd, a if for_dk else b)
 
 
-def _call(kernel, ins, extra, out_dim, state_dims, *, h, reverse=False, interpret, **kw):
-    """Runs ``kernel`` over grid (B·H, N) on ``[B·H, N·C, D]`` tiles (optionally reversed)."""
+def _call(kernel, ins, extra, out_dim, state_dims, *, h, reverse=False, interpret, seg=(), **kw):
+    """Runs ``kernel`` over grid (B·H, N) on ``[B·H, N·C, D]`` tiles (optionally reversed).
+
+    ``extra``: per-head arrays ``[H, ...]``; ``seg``: per-chunk row vectors ``[B·H or B, N, X]``
+    (batch-indexed when the first dim is B), passed after ``extra``.
+    """
     ops = _Ops(interpret)
     bh, tp, _ = ins[0].shape
     n, dt = tp // CHUNK, ins[0].dtype
-    idx = (lambda i, j: (i, n - 1 - j, 0)) if reverse else (lambda i, j: (i, j, 0))
+    at = (lambda j: n - 1 - j) if reverse else (lambda j: j)
+    idx = lambda i, j: (i, at(j), 0)
     tile = lambda d: plgpu.BlockSpec((None, CHUNK, d), idx, transforms=ops.transforms(dt))
     per_head = lambda e: plgpu.BlockSpec(
         (None, *e.shape[1:]),
         lambda i, j: (i % h,) + (0,) * (e.ndim - 1),
         transforms=ops.transforms(_F32) if e.ndim == 3 else (),
     )
+
+    def per_chunk(e):
+        div = bh // e.shape[0]  # 1 for [B·H, ...], H for [B, ...]
+        return plgpu.BlockSpec((None, None, e.shape[-1]), lambda i, j: (i // div, at(j), 0))
+
     out_specs = [tile(out_dim)]
     out_shape = [jax.ShapeDtypeStruct((bh, tp, out_dim), dt)]
     if kernel is _fwd_kernel:
@@ -205,15 +242,15 @@ def _call(kernel, ins, extra, out_dim, state_dims, *, h, reverse=False, interpre
         plgpu.SMEM(state_dims, dt, transforms=ops.transforms(dt)),
     ]
     return pl.pallas_call(
-        functools.partial(kernel, ops=ops, last=n - 1, **kw),
+        functools.partial(kernel, ops=ops, last=n - 1, seg=bool(seg), **kw),
         grid=(bh, n),
-        in_specs=[tile(x.shape[-1]) for x in ins] + [per_head(e) for e in extra],
+        in_specs=[tile(x.shape[-1]) for x in ins] + [per_head(e) for e in extra] + [per_chunk(e) for e in seg],
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=scratch,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(dimension_semantics=("parallel", "sequential")),
-    )(*ins, *extra)
+    )(*ins, *extra, *seg)
 
 
 def _factors(log_decay, t):
@@ -241,11 +278,13 @@ class _Layout:
     def __init__(self, b, t, h):
         self.b, self.t, self.h, self.n = b, t, h, num_chunks(t, CHUNK)
 
-    def pack(self, x, dtype, rows=None):
+    def pack(self, x, dtype, rows=None, mask=None):
         x = jnp.pad(x.astype(_F32), ((0, 0), (self.n * CHUNK - self.t, 0), (0, 0), (0, 0)))
         x = x.transpose(0, 2, 1, 3)  # [B,H,Tp,D]
         if rows is not None:  # [H,C] per chunk row
             x = x * jnp.tile(rows, (1, self.n))[None, :, :, None]
+        if mask is not None:  # [B,Tp] per token (packed rows)
+            x = jnp.where(mask[:, None, :, None], x, 0.0)
         return x.reshape(self.b * self.h, self.n * CHUNK, -1).astype(dtype)
 
     def unpack(self, x):
@@ -253,8 +292,33 @@ class _Layout:
         return x.transpose(0, 2, 1, 3).astype(_F32)
 
 
-def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=CHUNK, save_states=False, interpret=False):
-    """Returns ``(o [B,T,H,Dv] fp32, final_state fp32, residual)``.
+class _Segments:
+    """Packed-row data in the front-padded chunk layout (see the module docstring)."""
+
+    def __init__(self, docs, lay, bdec, dk):
+        rel = chunk_documents(docs, lay.n * CHUNK, CHUNK, front=True)  # [B,N,C]
+        m = segment_masks(rel)
+        self.qmask, self.kmask = (x.reshape(lay.b, -1) for x in (m.qmask, m.kmask))  # [B,Tp]
+        keep = jnp.where(m.keep[:, None, :, None], bdec[None, :, None, None], 0.0)  # [B,H,N,1]
+        self.bvec = jnp.broadcast_to(keep, (lay.b, lay.h, lay.n, dk)).reshape(lay.b * lay.h, lay.n, dk)
+        self.start, self.end = (x.astype(_F32) for x in document_bounds(rel))  # [B,N,C]
+        # XLA initial/final-state terms: S₀ reaches only the first document (d = 0), dS_T only the last.
+        self.first = (docs == 0)[:, :, None, None]  # [B,T,1,1]
+        self.last = (docs == docs[:, -1:])[:, :, None, None]
+        self.single = self.first[:, -1:, :, :]  # [B,1,1,1]: the row is one document
+
+
+def _state_terms(log_decay, t, s, segs):
+    """``λ^T·S`` (the state carried from the start to the end), zero for a multi-document row."""
+    carried = jnp.exp(log_decay.astype(_F32) * t)[None, :, None, None] * s
+    return carried if segs is None else jnp.where(segs.single, carried, 0.0)
+
+
+def forward(
+    q, k, v, log_decay, initial_state, *, scale, chunk_size=CHUNK, save_states=False, interpret=False, docs=None
+):
+    """Returns ``(o [B,T,H,Dv] fp32, final_state fp32, residual)``; ``docs``: optional ``[B,T]``
+    document index (``chunking.document_index``).
 
     The backward recomputes the chunk states in-kernel, so the only residual it needs besides
     q, k, v is the initial state (returned in the ``chunk_states`` slot when ``save_states``).
@@ -263,41 +327,61 @@ def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=CHUNK, save_
     b, t, h, dk = q.shape
     dt, lay = q.dtype, _Layout(b, t, h)
     intra, qdec, kdec, bdec, qdec_t, _ = _factors(log_decay, t)
+    segs = None if docs is None else _Segments(docs, lay, bdec, dk)
+    qm, km = (None, None) if segs is None else (segs.qmask, segs.kmask)
     qs = q.astype(_F32) * scale
-    ins = [lay.pack(qs, dt), lay.pack(qs, dt, qdec), lay.pack(k, dt), lay.pack(k, dt, kdec), lay.pack(v, dt)]
-    bvec = jnp.broadcast_to(bdec[:, None], (h, dk))
-    o, st = _call(_fwd_kernel, ins, [intra, bvec], v.shape[-1], (dk, v.shape[-1]), h=h, interpret=interpret)
+    ins = [lay.pack(qs, dt), lay.pack(qs, dt, qdec, qm), lay.pack(k, dt), lay.pack(k, dt, kdec, km), lay.pack(v, dt)]
+    if segs is None:
+        extra, seg = [intra, jnp.broadcast_to(bdec[:, None], (h, dk))], ()
+    else:
+        extra, seg = [intra], (segs.bvec, segs.start)
+    run = functools.partial(_call, h=h, interpret=interpret, seg=seg)
+    o, st = run(_fwd_kernel, ins, extra, v.shape[-1], (dk, v.shape[-1]))
     s0 = initial_state.astype(_F32)
-    o = lay.unpack(o) + jnp.einsum("bthd,bhdv->bthv", qs * qdec_t.T[None, :, :, None], s0)
-    final = st.reshape(b, h, dk, -1) + jnp.exp(log_decay.astype(_F32) * t)[None, :, None, None] * s0
+    qrow = qdec_t.T[None, :, :, None]
+    if segs is not None:
+        qrow = jnp.where(segs.first, qrow, 0.0)
+    o = lay.unpack(o) + jnp.einsum("bthd,bhdv->bthv", qs * qrow, s0)
+    final = st.reshape(b, h, dk, -1) + _state_terms(log_decay, t, s0, segs)
     return o, final, (s0 if save_states else None)
 
 
-def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=CHUNK, interpret=False):
+def backward(
+    q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=CHUNK, interpret=False, docs=None
+):
     """VJP via the dq / dk / dv kernels; ``chunk_states`` is the initial state saved by
     ``forward``. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
     del chunk_size
     b, t, h, dk = q.shape
     dv_dim, dt, lay = v.shape[-1], q.dtype, _Layout(b, t, h)
     intra, qdec, kdec, bdec, qdec_t, kdec_t = _factors(log_decay, t)
+    segs = None if docs is None else _Segments(docs, lay, bdec, dk)
+    qm, km = (None, None) if segs is None else (segs.qmask, segs.kmask)
     intra_t = jnp.swapaxes(intra, 1, 2)
     qs = q.astype(_F32) * scale
-    qp, qd = lay.pack(qs, dt), lay.pack(qs, dt, qdec)
-    kp, kd = lay.pack(k, dt), lay.pack(k, dt, kdec)
-    vp, vd = lay.pack(v, dt), lay.pack(v, dt, kdec)
-    dop, dod = lay.pack(do, dt), lay.pack(do, dt, qdec)
-    state, bvec = (dk, dv_dim), jnp.broadcast_to(bdec[:, None], (h, dk))
+    qp, qd = lay.pack(qs, dt), lay.pack(qs, dt, qdec, qm)
+    kp, kd = lay.pack(k, dt), lay.pack(k, dt, kdec, km)
+    vp, vd = lay.pack(v, dt), lay.pack(v, dt, kdec, km)
+    dop, dod = lay.pack(do, dt), lay.pack(do, dt, qdec, qm)
+    state = (dk, dv_dim)
     run = functools.partial(_call, h=h, interpret=interpret)
-    dq = run(_dq_kernel, [kp, kd, vp, dop, dod], [intra, bvec], dk, state)[0]
-    dk_ = run(_dkv_kernel, [vp, dop, qp, vd, qd], [intra_t, bvec], dk, state, reverse=True, for_dk=True)[0]
-    dv_ = run(_dkv_kernel, [kp, qp, dop, kd, qd], [intra_t, bvec], dv_dim, state, reverse=True, for_dk=False)[0]
+    if segs is None:
+        bvec = [jnp.broadcast_to(bdec[:, None], (h, dk))]
+        fwd_seg = rev_seg = ()
+    else:
+        bvec, fwd_seg, rev_seg = [], (segs.bvec, segs.start), (segs.bvec, segs.end)
+    dq = run(_dq_kernel, [kp, kd, vp, dop, dod], [intra, *bvec], dk, state, seg=fwd_seg)[0]
+    rev = functools.partial(run, _dkv_kernel, extra=[intra_t, *bvec], state_dims=state, reverse=True, seg=rev_seg)
+    dk_ = rev([vp, dop, qp, vd, qd], out_dim=dk, for_dk=True)[0]
+    dv_ = rev([kp, qp, dop, kd, qd], out_dim=dv_dim, for_dk=False)[0]
     # Initial-state and final-state-cotangent terms (the kernels start from zero S / dS).
     s0 = chunk_states.astype(_F32)
     do32, ds_t = do.astype(_F32), d_final.astype(_F32)
     qrow, krow = qdec_t.T[None, :, :, None], kdec_t.T[None, :, :, None]
+    if segs is not None:
+        qrow, krow = jnp.where(segs.first, qrow, 0.0), jnp.where(segs.last, krow, 0.0)
     dq = scale * (lay.unpack(dq) + qrow * jnp.einsum("bthv,bhdv->bthd", do32, s0))
     dk_ = lay.unpack(dk_) + krow * jnp.einsum("bthv,bhdv->bthd", v.astype(_F32), ds_t)
     dv_ = lay.unpack(dv_) + krow * jnp.einsum("bthd,bhdv->bthv", k.astype(_F32), ds_t)
-    d_s0 = jnp.einsum("bthd,bthv->bhdv", qs * qrow, do32)
-    d_s0 = d_s0 + jnp.exp(log_decay.astype(_F32) * t)[None, :, None, None] * ds_t
+    d_s0 = jnp.einsum("bthd,bthv->bhdv", qs * qrow, do32) + _state_terms(log_decay, t, ds_t, segs)
     return dq, dk_, dv_, d_s0
