@@ -218,6 +218,10 @@ class TrainConfig(_Strict):
     eval_every: StrictInt = 0  # 0 = only at the end
     max_consecutive_nonfinite: StrictInt = 5
     init_from: str | None = None  # a checkpoint / HF dir / preset to start the weights from
+    # parameters to train (dotted-path patterns, e.g. "model.layers.*.self_attn"); empty = all
+    trainable: tuple[str, ...] = ()
+    # frozen models the loss reads (name -> checkpoint / HF dir / preset), reloaded on resume
+    frozen: dict[str, str] = {}
 
 
 class Config(_Strict):

@@ -1,7 +1,16 @@
-"""The training loop: data -> jitted step -> metrics / evaluation / checkpoints, resumable and crash-safe.
+"""The training loop: source -> step -> metrics -> eval -> checkpoint, resumable and crash-safe.
 
-Pretraining, conversion and distillation call ``run_training`` with their own ``loss_fn`` (and model);
-everything else — mesh, data, checkpoints, metrics, failure handling — is shared.
+Pretraining, conversion and distillation are this loop with a different ``loss_fn``, ``frozen``
+state, trainable subset and ``BatchSource``. A new loop is written as::
+
+    def my_loss(model, frozen, batch):            # sums, see train.step
+        ...
+        return loss_sum, (weight, {"kl": kl_sum})
+    run_training(cfg, loss_fn=my_loss, frozen={"teacher": teacher}, source=MySource(...))
+
+(or ``cfg.train.frozen = {"teacher": path}`` so that a resume reloads the teacher itself, and
+``cfg.train.trainable`` to train a subset). Everything else — mesh, checkpoints with the source's
+state, metrics, evaluation, failure handling — is shared.
 """
 
 from __future__ import annotations
@@ -9,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -25,18 +33,32 @@ from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train.checkpoint import TrainCheckpointer
 from minicpm_jax.train.flops import peak_flops_per_device, train_flops_per_token
+from minicpm_jax.train.frozen import load_frozen
 from minicpm_jax.train.loss import next_token_loss
 from minicpm_jax.train.metrics import MetricsLogger
+from minicpm_jax.train.monitor import StepMonitor, TrainingDiverged
+from minicpm_jax.train.sources import BatchSource, GrainSource, global_batch
 from minicpm_jax.train.state import Trainer, create_trainer
-from minicpm_jax.train.step import LossFn, batch_sharding, check_batch
+from minicpm_jax.train.step import LossFn, aux_values, check_batch
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
+__all__ = ["TrainingDiverged", "evaluate", "pretrain_loss", "run_training"]
 
 
 def pretrain_loss(cfg: Config) -> LossFn:
     return functools.partial(next_token_loss, remat=cfg.train.remat, chunk_size=cfg.train.loss_chunk_size)
+
+
+@dataclass
+class Run:
+    """One run's parts, built by ``prepare_run``."""
+
+    cfg: Config
+    trainer: Trainer
+    source: BatchSource
+    eval_batches: list[dict]
+    checkpointer: TrainCheckpointer
+    monitor: StepMonitor
+    out: Path
 
 
 def run_training(
@@ -44,125 +66,132 @@ def run_training(
     *,
     loss_fn: LossFn | None = None,
     model: MiniCPMForCausalLM | None = None,
+    frozen=None,
+    trainable=None,
+    source: BatchSource | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Train ``cfg`` (resuming from ``train.output_dir`` if it holds checkpoints); returns a summary."""
+    """Train ``cfg`` (resuming from ``train.output_dir`` if it holds checkpoints); returns a summary.
+
+    ``frozen`` defaults to the models of ``cfg.train.frozen``; ``trainable`` overrides
+    ``cfg.train.trainable``; ``source`` defaults to the grain pipeline of ``cfg.data``.
+    """
     console = console or Console()
+    run = prepare_run(cfg, loss_fn, model, frozen, trainable, source, console)
+    try:
+        _restore(run, console)
+        return _train(run, console)
+    finally:
+        run.checkpointer.wait()
+        run.checkpointer.close()
+        run.monitor.logger.close()
+
+
+def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console) -> Run:
+    """Mesh, weights, frozen state, data, trainer, checkpointer and monitor of a run."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
     mesh = make_mesh(cfg.mesh)
     check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
+    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     if model is None and tc.init_from:
-        model_cfg, model = load_any(
-            tc.init_from, mesh=mesh, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
-        )
+        model_cfg, model = load_any(tc.init_from, mesh=mesh, **dtypes)
         if model_cfg != cfg.model:
             console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
             cfg = cfg.model_copy(update={"model": model_cfg})
+    if frozen is None:
+        frozen = load_frozen(tc.frozen, mesh=mesh, **dtypes)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     data_kw = dict(
         tokenizer=tokenizer, vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.max_position_embeddings
     )
-    data = make_train_iterator(
-        cfg.data,
-        global_batch_size=tc.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        **data_kw,
-    )
+    if source is None:
+        source = GrainSource(
+            make_train_iterator(
+                cfg.data,
+                global_batch_size=tc.global_batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                **data_kw,
+            )
+        )
     eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
-    trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model)
+    trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model, frozen=frozen, trainable=trainable)
     checkpointer = TrainCheckpointer(out / "checkpoints", keep=tc.keep_checkpoints)
+    monitor = StepMonitor(
+        MetricsLogger(out),
+        console,
+        max_consecutive_nonfinite=tc.max_consecutive_nonfinite,
+        checkpoint_dir=out / "checkpoints",
+        flops_per_token=train_flops_per_token(cfg.model, cfg.data.seq_len),
+        peak_flops=peak_flops_per_device(),
+    )
+    return Run(cfg, trainer, source, eval_batches, checkpointer, monitor, out)
+
+
+def _restore(run: Run, console: Console) -> None:
+    trainer = run.trainer
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.state, trainer.state_sharding
     )
-    restored = checkpointer.restore_latest(abstract)
+    restored = run.checkpointer.restore_latest(abstract)
     if restored is not None:
-        start, trainer.state, data_state, _ = restored
-        data.set_state(data_state)
-        console.print(f"resumed from {out / 'checkpoints'} at step {start}")
+        start, trainer.state, source_state, _ = restored
+        run.source.set_state(source_state)
+        console.print(f"resumed from {run.out / 'checkpoints'} at step {start}")
+
+
+def _train(run: Run, console: Console) -> dict:
+    cfg, tc, trainer, monitor = run.cfg, run.cfg.train, run.trainer, run.monitor
     start = int(trainer.state["step"])
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_flops_per_device()
-    logger = MetricsLogger(out)
-    rows = batch_sharding(mesh)
     stop = {"signal": None}
-    skipped = consecutive = 0
-    losses = []
-    try:
-        with _stop_on_signals(stop), _progress(console) as progress:
-            task = progress.add_task("train", total=tc.steps, completed=start, loss=float("nan"))
-            tick = time.perf_counter()
-            for step in range(start + 1, tc.steps + 1):
-                local = next(data)
-                batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()}
-                trainer.state, metrics = trainer.train_step(trainer.state, batch)
-                if not bool(metrics["finite"]):
-                    skipped, consecutive = skipped + 1, consecutive + 1
-                    console.print(
-                        f"[yellow]step {step}: non-finite loss/gradient, update skipped "
-                        f"({consecutive} in a row, {skipped} total)[/]"
-                    )
-                    if consecutive >= tc.max_consecutive_nonfinite:
-                        raise TrainingDiverged(
-                            f"{consecutive} consecutive non-finite steps (train.max_consecutive_nonfinite="
-                            f"{tc.max_consecutive_nonfinite}) at step {step}; stopping. The last good "
-                            f"checkpoint is kept in {out / 'checkpoints'}"
-                        )
-                else:
-                    consecutive = 0
-                    losses.append(float(metrics["loss"]))
-                progress.update(task, completed=step, loss=float(metrics["loss"]))
-                if step % tc.log_every == 0 or step == tc.steps:
-                    now = time.perf_counter()
-                    tokens_per_s = tc.log_every * local["input_ids"].size * jax.process_count() / (now - tick)
-                    tick = now
-                    mfu = tokens_per_s * flops_per_token / (peak * jax.device_count()) if peak else None
-                    logger.log(
-                        step,
-                        {
-                            "loss": metrics["loss"],
-                            "grad_norm": metrics["grad_norm"],
-                            "learning_rate": metrics["learning_rate"],
-                            "tokens_per_s": tokens_per_s,
-                            "mfu": mfu,
-                            "skipped_steps": skipped,
-                        },
-                    )
-                if eval_batches and tc.eval_every and step % tc.eval_every == 0:
-                    logger.log(step, {"eval_loss": evaluate(trainer, eval_batches)})
-                if step % tc.checkpoint_every == 0 or step == tc.steps or stop["signal"]:
-                    checkpointer.save(step, trainer.state, data.get_state(), cfg.model_dump(mode="json"), force=True)
-                if stop["signal"]:
-                    console.print(f"received {stop['signal']}: checkpoint saved at step {step}, stopping")
-                    break
-        checkpointer.wait()
-        summary = {
-            "steps": int(trainer.state["step"]),
-            "skipped_steps": skipped,
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-        }
-        if eval_batches:
-            summary["eval_loss"] = evaluate(trainer, eval_batches)
-            logger.log(summary["steps"], {"eval_loss": summary["eval_loss"]})
-        if summary["steps"] == tc.steps:
-            save_model(trainer.model(), cfg.model, out / "final", tokenizer_source=cfg.data.tokenizer or BYTE_TOKENIZER)
-        return summary
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        logger.close()
+    with _stop_on_signals(stop), _progress(console) as progress:
+        task = progress.add_task("train", total=tc.steps, completed=start, loss=float("nan"))
+        for step in range(start + 1, tc.steps + 1):
+            batch = global_batch(trainer.mesh, run.source.next_batch(step, trainer))
+            monitor.push(step, trainer.step(batch), batch["input_ids"].size if "input_ids" in batch else 0)
+            last = step == tc.steps or stop["signal"]
+            evaluate_now = run.eval_batches and tc.eval_every and step % tc.eval_every == 0
+            checkpoint_now = step % tc.checkpoint_every == 0 or last
+            if step % tc.log_every == 0 or last or evaluate_now or checkpoint_now:
+                values = monitor.flush()
+                if values:
+                    progress.update(task, loss=values["loss"])
+            progress.update(task, completed=step)
+            if evaluate_now:
+                monitor.logger.log(step, evaluate(trainer, run.eval_batches))
+            if checkpoint_now:
+                state = run.source.get_state()
+                run.checkpointer.save(step, trainer.state, state, cfg.model_dump(mode="json"), force=True)
+            if stop["signal"]:
+                console.print(f"received {stop['signal']}: checkpoint saved at step {step}, stopping")
+                break
+    run.checkpointer.wait()
+    losses = monitor.losses
+    summary = {
+        "steps": int(trainer.state["step"]),
+        "skipped_steps": int(trainer.state["skipped"]),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+    if run.eval_batches:
+        results = evaluate(trainer, run.eval_batches)
+        summary.update(results)
+        monitor.logger.log(summary["steps"], results)
+    if summary["steps"] == tc.steps:
+        tokenizer = cfg.data.tokenizer or BYTE_TOKENIZER
+        save_model(trainer.model(), cfg.model, run.out / "final", tokenizer_source=tokenizer)
+    return summary
 
 
-def evaluate(trainer: Trainer, batches: list[dict]) -> float:
-    """Token-weighted mean loss over held-out batches."""
-    rows = batch_sharding(trainer.mesh)
+def evaluate(trainer: Trainer, batches: list[dict]) -> dict[str, float]:
+    """Held-out ``eval_loss`` (token-weighted mean) and ``eval_<aux>`` for every aux metric of the loss."""
     total = weight = 0.0
+    parts: dict = {}
     for local in batches:
-        batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()}
-        s, w = trainer.eval_step(trainer.state["params"], batch)
+        s, w, aux = jax.device_get(trainer.evaluate_batch(global_batch(trainer.mesh, local)))
         total, weight = total + float(s), weight + float(w)
-    return total / max(weight, 1.0)
+        parts = aux if not parts else jax.tree.map(lambda a, b: a + b, parts, aux)
+    return {"eval_loss": total / max(weight, 1.0), **{f"eval_{k}": float(v) for k, v in aux_values(parts).items()}}
 
 
 @contextlib.contextmanager

@@ -14,8 +14,10 @@ from flax import nnx
 from minicpm_jax.config.schema import Config, MeshConfig
 from minicpm_jax.model.factory import abstract_model
 from minicpm_jax.sharding import make_mesh
+from minicpm_jax.train import trainable as tr
+from minicpm_jax.train.frozen import prepare_frozen
 from minicpm_jax.train.loop import pretrain_loss
-from minicpm_jax.train.state import build_train_step
+from minicpm_jax.train.state import COUNTERS, build_train_step
 from minicpm_jax.train.step import batch_sharding, check_batch
 
 
@@ -42,12 +44,15 @@ def plan_train_memory(
     graphdef, params_state = nnx.split(model, nnx.Param)
     for mesh_cfg in meshes:
         mesh = make_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])
-        optimizer, _, sharding, step = build_train_step(cfg, mesh, pretrain_loss(cfg), graphdef, params_state)
+        frozen = prepare_frozen(None, mesh)
+        optimizer, _, sharding, mask, step = build_train_step(
+            cfg, mesh, pretrain_loss(cfg), graphdef, params_state, frozen
+        )
         params = jax.eval_shape(lambda: nnx.to_pure_dict(params_state))
         state = {
             "params": params,
-            "opt_state": jax.eval_shape(optimizer.init, params),
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "opt_state": jax.eval_shape(optimizer.init, tr.split(params, mask)[0]),
+            **{name: jax.ShapeDtypeStruct((), jnp.int32) for name in COUNTERS},
         }
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sharding)
         for batch_size in batch_sizes:
@@ -61,7 +66,7 @@ def plan_train_memory(
                 "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=batch_sharding(mesh)),
             }
             start = time.perf_counter()
-            memory = step.lower(state, batch).compile().memory_analysis()
+            memory = step.lower(state, frozen.arrays, batch).compile().memory_analysis()
             rows.append(
                 PlanRow(
                     dict(mesh.shape),

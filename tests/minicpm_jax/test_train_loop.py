@@ -139,10 +139,10 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
         _cfg(out, "train.steps=2", "train.checkpoint_every=2", "optimizer.warmup_steps=0", "optimizer.decay_steps=0")
     )
 
-    def nan_loss(model, batch):
+    def nan_loss(model, frozen, batch):
         from minicpm_jax.train.loss import next_token_loss
 
-        loss_sum, aux = next_token_loss(model, batch)
+        loss_sum, aux = next_token_loss(model, frozen, batch)
         return loss_sum * np.nan, aux
 
     with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite steps .* at step 5"):

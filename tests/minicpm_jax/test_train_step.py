@@ -36,7 +36,7 @@ def _loss(cfg):
 
 def _grads(trainer, batch):
     def objective(p):
-        s, (w, _) = _loss(_cfg())(trainer.model(p), batch)
+        s, (w, _) = _loss(_cfg())(trainer.model(p), None, batch)
         return s / w
 
     return jax.grad(objective)(trainer.state["params"])
@@ -68,8 +68,8 @@ def test_accumulated_gradient_equals_full_batch(remat):
     params = trainer.state["params"]
     reference = _grads(trainer, batch)
     for micro in (1, 4):
-        grads, loss, weight = jax.jit(accumulate_gradients, static_argnums=(0, 1, 4))(
-            trainer.graphdef, _loss(cfg), params, batch, micro
+        grads, loss, weight, _ = jax.jit(accumulate_gradients, static_argnums=(0, 1, 6))(
+            trainer.graphdef, _loss(cfg), params, {}, None, batch, micro
         )
         assert weight == batch["loss_mask"].sum()
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
@@ -78,7 +78,7 @@ def test_accumulated_gradient_equals_full_batch(remat):
     four = create_trainer(
         _cfg(f"train.remat={remat}", "optimizer.schedule=constant", "train.micro_batches=4"), _one_device(), _loss(cfg)
     )
-    (_, m1), (_, m4) = one.train_step(one.state, batch), four.train_step(four.state, batch)
+    m1, m4 = one.step(batch), four.step(batch)
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
@@ -90,11 +90,11 @@ def test_sharded_step_equals_single_device(mesh_cfg):
     out = {}
     for name, mesh in (("one", _one_device()), ("many", make_mesh(mesh_cfg))):
         trainer = create_trainer(cfg, mesh, _loss(cfg))
-        grads, _, _ = jax.jit(accumulate_gradients, static_argnums=(0, 1, 4))(
-            trainer.graphdef, _loss(cfg), trainer.state["params"], batch, 2
+        grads, _, _, _ = jax.jit(accumulate_gradients, static_argnums=(0, 1, 6))(
+            trainer.graphdef, _loss(cfg), trainer.state["params"], {}, None, batch, 2
         )
-        state, metrics = trainer.train_step(trainer.state, batch)
-        out[name] = (grads, state, metrics)
+        metrics = trainer.step(batch)
+        out[name] = (grads, trainer.state, metrics)
     (g1, s1, m1), (g8, s8, m8) = out["one"], out["many"]
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
@@ -108,16 +108,16 @@ def test_sharded_step_equals_single_device(mesh_cfg):
 def test_non_finite_loss_skips_update():
     cfg = _cfg()
 
-    def poisoned(model, batch):
-        loss_sum, aux = _loss(cfg)(model, batch)
+    def poisoned(model, frozen, batch):
+        loss_sum, aux = _loss(cfg)(model, frozen, batch)
         return loss_sum * jnp.where(batch["poison"].any(), jnp.nan, 1.0), aux
 
     trainer = create_trainer(cfg, _one_device(), poisoned)
     batch = {**_batch(), "poison": np.zeros((8, 16), np.int32)}
-    state, metrics = trainer.train_step(trainer.state, batch)
+    state, metrics = trainer.train_step(trainer.state, trainer.frozen.arrays, batch)
     assert bool(metrics["finite"])
     before = jax.tree.map(np.asarray, state)
-    state, metrics = trainer.train_step(state, {**batch, "poison": np.ones((8, 16), np.int32)})
+    state, metrics = trainer.train_step(state, trainer.frozen.arrays, {**batch, "poison": np.ones((8, 16), np.int32)})
     assert not bool(metrics["finite"]) and int(state["step"]) == 2
     for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(a, b)

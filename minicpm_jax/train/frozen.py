@@ -1,0 +1,63 @@
+"""Frozen state: models and arrays the loss reads but never trains (a teacher, a reference policy).
+
+Any pytree of NNX modules and arrays (usually ``{"teacher": model}``) is split once into a static
+graph definition and a tree of arrays. The arrays enter the jitted step as its own argument with
+shardings from the logical-axis rules (module parameters) or their current ``NamedSharding``
+(plain arrays; replicated otherwise), so they are neither traced in as constants nor gathered.
+They get no gradient, no optimizer state, and are not in the train checkpoint: ``train.frozen``
+(name -> checkpoint / HF directory / preset) records where they came from, and a resume reloads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from minicpm_jax.sharding import logical_spec
+
+
+@dataclass
+class Frozen:
+    """``graphdef`` (static) + ``arrays`` (a pure pytree) + their ``sharding``; ``value()`` rebuilds the tree."""
+
+    graphdef: Any
+    arrays: Any
+    sharding: Any
+
+    def value(self, arrays=None):
+        """The frozen pytree (modules merged back) from ``arrays`` (default: the held ones)."""
+        return None if self.graphdef is None else nnx.merge(self.graphdef, self.arrays if arrays is None else arrays)
+
+
+def prepare_frozen(frozen, mesh: Mesh) -> Frozen:
+    """Split ``frozen`` (None, or a pytree of modules / arrays) and place its arrays on ``mesh``."""
+    if frozen is None:
+        return Frozen(None, {}, {})
+    graphdef, state = nnx.split(frozen)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding_of(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("logical_axes")
+            return NamedSharding(mesh, logical_spec(axes)) if axes else replicated
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
+
+    shardings = nnx.to_pure_dict(jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    arrays = nnx.to_pure_dict(state)
+    arrays = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), arrays, shardings)
+    return Frozen(graphdef, arrays, shardings)
+
+
+def load_frozen(sources: dict[str, str], *, mesh: Mesh, dtype, param_dtype) -> dict | None:
+    """``{name: model}`` loaded (sharded on ``mesh``) from ``train.frozen``'s sources; None if there are none."""
+    if not sources:
+        return None
+    from minicpm_jax.ckpt import load_any
+
+    return {name: load_any(src, mesh=mesh, dtype=dtype, param_dtype=param_dtype)[1] for name, src in sources.items()}
