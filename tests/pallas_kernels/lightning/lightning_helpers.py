@@ -29,10 +29,11 @@ def rel_err(a, b):
 
 
 @functools.lru_cache(maxsize=None)
-def _vjp_fn(impl, chunk_size, interpret, log_decay_key):
+def _vjp_fn(impl, chunk_size, interpret, log_decay_key, segmented=False):
+    """Jitted ``(q, k, v, s0, do, ds[, segment_ids]) -> ((o, final), grads)``."""
     log_decay = jnp.asarray(log_decay_key)
 
-    def f(q, k, v, s0):
+    def f(q, k, v, s0, seg):
         return lightning_attention(
             q,
             k,
@@ -43,20 +44,27 @@ def _vjp_fn(impl, chunk_size, interpret, log_decay_key):
             chunk_size=chunk_size,
             implementation=impl,
             interpret=interpret,
+            segment_ids=seg,
         )
 
-    def run(q, k, v, s0, do, ds):
-        out, vjp = jax.vjp(f, q, k, v, s0)
+    def run(q, k, v, s0, do, ds, seg=None):
+        out, vjp = jax.vjp(lambda *a: f(*a, seg), q, k, v, s0)
         return out, vjp((do.astype(out[0].dtype), ds))
 
     return jax.jit(run)
 
 
-def forward_and_grads(impl, q, k, v, s0, *, log_decay=LOG_DECAY, chunk_size=64, seed=1):
-    """``((o, final_state), (dq, dk, dv, ds0))`` for a fixed random cotangent."""
-    interpret = True if impl.startswith("pallas") else None
+def cotangents(v, s0, seed=1):
+    """The fixed random cotangents ``(do, d_final)`` used by ``forward_and_grads``."""
     kd, ks = jax.random.split(jax.random.PRNGKey(seed))
-    do = jax.random.normal(kd, v.shape, jnp.float32)
-    ds = jax.random.normal(ks, s0.shape, jnp.float32)
-    fn = _vjp_fn(impl, chunk_size, interpret, tuple(np.asarray(log_decay).tolist()))
-    return fn(q, k, v, s0, do, ds)
+    return jax.random.normal(kd, v.shape, jnp.float32), jax.random.normal(ks, s0.shape, jnp.float32)
+
+
+def forward_and_grads(impl, q, k, v, s0, *, log_decay=LOG_DECAY, chunk_size=64, seed=1, segment_ids=None, ct=None):
+    """``((o, final_state), (dq, dk, dv, ds0))`` for a fixed random cotangent (or ``ct``)."""
+    interpret = True if impl.startswith("pallas") else None
+    do, ds = cotangents(v, s0, seed) if ct is None else ct
+    fn = _vjp_fn(impl, chunk_size, interpret, tuple(np.asarray(log_decay).tolist()), segment_ids is not None)
+    if segment_ids is None:
+        return fn(q, k, v, s0, do, ds)
+    return fn(q, k, v, s0, do, ds, segment_ids)
