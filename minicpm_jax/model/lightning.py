@@ -4,7 +4,8 @@ Order of the official forward: q/k/v projections (full MHA), per-head RMSNorm on
 RoPE, the Lightning recurrence with SALA's ALiBi decays in fp32, cast back, RMSNorm over the full
 width (``o_norm``), times ``sigmoid(z_proj(x))``, then ``o_proj``. With a ``LightningCache`` the
 recurrence continues from the cached fp32 state (one token: the decode step; more: chunked prefill).
-Packed rows (``segment_ids``) raise: the state is not reset at document starts.
+Packed rows (``segment_ids``, with per-document ``positions`` for the RoPE) reset the state at every
+document start, so each document sees only itself.
 """
 
 from __future__ import annotations
@@ -54,12 +55,8 @@ class LightningAttention(nnx.Module):
     ):
         """``(output, cache)``: with a cache the recurrence starts from its state and returns the state
         after each row's first ``valid [B]`` tokens (default all; the rest is right padding)."""
-        if segment_ids is not None:
-            raise ValueError(
-                "segment_ids (packed documents) are not supported by lightning-attn layers: "
-                "the recurrent state would carry across documents; train hybrid models on "
-                "unpacked rows (one document per row)"
-            )
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed documents) cannot be combined with a decode cache")
         cfg = self.config
         nh, hd = cfg.lightning_nh, cfg.lightning_head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -73,7 +70,9 @@ class LightningAttention(nnx.Module):
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         log_decay = -jnp.asarray(alibi_slopes(nh))
         if cache is None:
-            o = lightning_attention(q, k, v, log_decay, scale=hd**-0.5, implementation=self.implementation)
+            o = lightning_attention(
+                q, k, v, log_decay, scale=hd**-0.5, segment_ids=segment_ids, implementation=self.implementation
+            )
         elif x.shape[1] == 1:
             o, state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=hd**-0.5)
             if valid is not None:

@@ -1,6 +1,6 @@
 """MiniCPM-SALA hybrid and sparse MiniCPM4: layers and whole forward vs the float64 NumPy reference
 (below and above dense_len), full-budget sparse == dense, all-"minicpm4" hybrid == dense bit for bit,
-sharded == unsharded, packed rows."""
+sharded == unsharded, packed rows (every mixer)."""
 
 import jax
 import jax.numpy as jnp
@@ -103,8 +103,9 @@ def test_sharded_hybrid_forward_equals_unsharded(sala):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
-def test_packed_rows_sparse_layers_and_lightning_error(sala):
-    """Sparse MiniCPM4 above dense_len keeps packed documents apart; lightning layers refuse packing."""
+def test_packed_rows_equal_documents_alone(sala):
+    """Packed documents stay apart in sparse MiniCPM4 above dense_len and in the SALA hybrid
+    (InfLLM v2 and Lightning layers, per-document RoPE positions): each equals its own forward."""
     cfg = load_config("tiny-minicpm4-sparse", ["model.sparse_config.dense_len=0"]).model
     model = create_model(cfg, seed=3, dtype=jnp.float32)
     a, b = RNG.integers(0, 512, 70), RNG.integers(0, 512, 50)
@@ -113,8 +114,11 @@ def test_packed_rows_sparse_layers_and_lightning_error(sala):
     pos = jnp.asarray(list(range(70)) + list(range(50)))[None]
     out = np.asarray(model(packed, positions=pos, segment_ids=seg))[0]
     np.testing.assert_allclose(out[:70], np.asarray(model(jnp.asarray(a)[None]))[0], atol=1e-5)
-    with pytest.raises(ValueError, match="segment_ids .* not supported by lightning-attn"):
-        sala[1](packed, positions=pos, segment_ids=seg)
+    hybrid = sala[1]
+    out = np.asarray(hybrid(packed, positions=pos, segment_ids=seg))[0]
+    np.testing.assert_allclose(out[:70], np.asarray(hybrid(jnp.asarray(a)[None]))[0], atol=1e-4)
+    np.testing.assert_allclose(out[70:], np.asarray(hybrid(jnp.asarray(b)[None]))[0], atol=1e-4)
+    assert np.abs(out[70:] - np.asarray(hybrid(packed))[0, 70:]).max() > 1e-2  # unpacked would leak
 
 
 @pytest.mark.slow  # ~45 s on 2 shared cores
