@@ -10,6 +10,7 @@ import numpy as np
 from minicpm_jax.config.schema import Config
 from minicpm_jax.model.factory import abstract_model, param_axes
 from minicpm_jax.sharding import divisibility_errors, mesh_shape, shard_count
+from minicpm_jax.train.trainable import selected
 
 ADAM_MOMENTS = 2  # AdamW keeps mu and nu, fp32, one of each per parameter
 
@@ -21,8 +22,9 @@ class ModelInfo:
     mesh: dict[str, int]
     params_per_device: int  # largest shard sum over devices (even shards: the same on every device)
     param_bytes: int  # per device, master weights in param_dtype
-    grad_bytes: int  # per device, gradients in param_dtype
-    optimizer_bytes: int  # per device, AdamW moments in fp32
+    grad_bytes: int  # per device, gradients in param_dtype (trainable parameters only)
+    optimizer_bytes: int  # per device, AdamW moments in fp32 (trainable parameters only)
+    trainable_params: int  # parameters selected by train.trainable (all when it is empty)
 
 
 def model_info(cfg: Config, num_devices: int) -> ModelInfo:
@@ -36,12 +38,21 @@ def model_info(cfg: Config, num_devices: int) -> ModelInfo:
     embedding = sum(
         math.prod(shape) for name, (shape, _) in axes.items() if name.startswith(("model.embed_tokens", "lm_head"))
     )
-    per_device = sum(
-        math.prod(d // shard_count(sizes, a) for d, a in zip(shape, names)) for shape, names in axes.values()
-    )
+    shard = {
+        name: math.prod(d // shard_count(sizes, a) for d, a in zip(shape, names)) for name, (shape, names) in axes.items()
+    }
+    trained = selected(list(axes), cfg.train.trainable)
+    per_device, trained_per_device = sum(shard.values()), sum(shard[n] for n in trained)
     width = np.dtype(cfg.param_dtype).itemsize
     return ModelInfo(
-        total, embedding, sizes, per_device, per_device * width, per_device * width, per_device * 4 * ADAM_MOMENTS
+        total,
+        embedding,
+        sizes,
+        per_device,
+        per_device * width,
+        trained_per_device * width,
+        trained_per_device * 4 * ADAM_MOMENTS,
+        sum(math.prod(axes[n][0]) for n in trained),
     )
 
 

@@ -28,13 +28,11 @@ def _matches(path: str, pattern: str) -> bool:
     return any(fnmatchcase(".".join(parts[:n]), pattern) for n in range(1, len(parts) + 1))
 
 
-def trainable_mask(params, selector: Selector | None):
-    """A tree of bools like ``params``: True where the leaf is trained.
+def selected(paths: Sequence[str], selector: Selector | None) -> set[str]:
+    """The dotted ``paths`` that ``selector`` trains: patterns (empty or None: all) or a predicate.
 
-    ``selector``: dotted-path patterns (empty or None: all), or a predicate on the dotted path.
     Patterns that select nothing raise, naming a few existing paths.
     """
-    paths = [dotted(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     if not selector:
         chosen = set(paths)
     elif callable(selector):
@@ -44,11 +42,17 @@ def trainable_mask(params, selector: Selector | None):
         if unmatched:
             raise ValueError(
                 f"train.trainable: pattern(s) {unmatched} match no parameter; parameter paths look like "
-                f"{paths[:3] + paths[-2:]}"
+                f"{list(paths[:3]) + list(paths[-2:])}"
             )
         chosen = {p for p in paths if any(_matches(p, pat) for pat in selector)}
     if not chosen:
         raise ValueError("train.trainable selects no parameter: nothing would be trained")
+    return chosen
+
+
+def trainable_mask(params, selector: Selector | None):
+    """A tree of bools like ``params``: True where ``selected`` trains the leaf."""
+    chosen = selected([dotted(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)], selector)
     return jax.tree_util.tree_map_with_path(lambda p, _: dotted(p) in chosen, params)
 
 

@@ -141,3 +141,62 @@ def test_lm_head_flops_split_over_data_shards():
         compiled = trainer.train_step.lower(trainer.state, trainer.frozen.arrays, placed).compile()
         flops[name] = compiled.cost_analysis()["flops"]
     assert flops["eight"] < 0.15 * flops["one"], flops  # ideal 1/8 = 0.125
+
+
+def test_info_counts_optimizer_memory_of_the_trainable_subset_only():
+    from minicpm_jax.info import model_info
+
+    cfg = _cfg("train.trainable=[model.layers.*.self_attn]")
+    info, full = model_info(cfg, 1), model_info(_cfg(), 1)
+    trainer = create_trainer(cfg, _one_device(), LOSS)
+    _, train_bytes = tr.count(tr.split(trainer.state["params"], trainer.mask)[0])
+    moments = [x for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0]  # without step counters
+    assert info.optimizer_bytes == 2 * train_bytes == sum(x.nbytes for x in moments)
+    assert info.param_bytes == full.param_bytes and info.grad_bytes == train_bytes < full.grad_bytes
+
+
+def test_frozen_teacher_from_config_is_reloaded_on_resume_and_not_checkpointed(tmp_path):
+    """``train.frozen.teacher=DIR``: a KL-to-teacher run resumes (the teacher reloaded from DIR), the
+    checkpoint holds only the student, and the KL aux metric is logged."""
+    import os
+
+    from minicpm_jax.ckpt import save_model
+    from minicpm_jax.config import load_recipe
+    from minicpm_jax.train.loop import run_training
+    from minicpm_jax.train.metrics import read_metrics
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    recipe = os.path.join(root, "configs/recipes/pretrain-tiny.yaml")
+    student_cfg = load_recipe(recipe, []).model
+    save_model(create_model(student_cfg, seed=7, dtype=jnp.float32), student_cfg, tmp_path / "teacher")
+
+    def cfg(steps):
+        return load_recipe(
+            recipe,
+            [
+                f"train.output_dir={tmp_path / 'run'}",
+                f"train.frozen.teacher={tmp_path / 'teacher'}",
+                f"train.steps={steps}",
+                "train.checkpoint_every=2",
+                "train.log_every=1",
+                "train.global_batch_size=8",
+                "data.seq_len=32",
+                "data.synthetic_documents=200",
+                "data.eval_documents=8",
+                "optimizer.warmup_steps=0",
+                "optimizer.decay_steps=0",
+            ],
+        )
+
+    run_training(cfg(2), loss_fn=_kl_to_teacher)
+    summary = run_training(cfg(6), loss_fn=_kl_to_teacher)
+    assert summary["steps"] == 6 and "eval_kl" in summary
+    kls = [r["kl"] for r in read_metrics(tmp_path / "run") if "kl" in r]
+    assert len(kls) == 6 and kls[-1] < kls[0]
+    import json
+
+    state_dir = tmp_path / "run" / "checkpoints" / "6" / "state"
+    saved = json.loads((state_dir / "_METADATA").read_text())["tree_metadata"]
+    assert any("embed_tokens" in k for k in saved) and not any("teacher" in k for k in saved)
+    recorded = json.loads((state_dir.parent / "config" / "metadata").read_text())
+    assert recorded["train"]["frozen"] == {"teacher": str(tmp_path / "teacher")}
