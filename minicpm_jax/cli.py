@@ -47,7 +47,11 @@ def cmd_info(args) -> None:
     console.print(
         f"[bold]{args.model}[/]: {human_count(info.params)} parameters ({info.params:,}); "
         f"non-embedding {human_count(info.params - info.embedding_params)}"
-        + (f"; trainable {human_count(info.trainable_params)} ({', '.join(cfg.train.trainable)})" if cfg.train.trainable else "")
+        + (
+            f"; trainable {human_count(info.trainable_params)} ({', '.join(cfg.train.trainable)})"
+            if cfg.train.trainable
+            else ""
+        )
     )
     console.print(
         f"layers {m.num_hidden_layers} {kinds}, hidden {m.hidden_size}, heads {m.num_attention_heads}"

@@ -39,7 +39,8 @@ def model_info(cfg: Config, num_devices: int) -> ModelInfo:
         math.prod(shape) for name, (shape, _) in axes.items() if name.startswith(("model.embed_tokens", "lm_head"))
     )
     shard = {
-        name: math.prod(d // shard_count(sizes, a) for d, a in zip(shape, names)) for name, (shape, names) in axes.items()
+        name: math.prod(d // shard_count(sizes, a) for d, a in zip(shape, names))
+        for name, (shape, names) in axes.items()
     }
     trained = selected(list(axes), cfg.train.trainable)
     per_device, trained_per_device = sum(shard.values()), sum(shard[n] for n in trained)

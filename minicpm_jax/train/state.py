@@ -3,8 +3,9 @@ counters, frozen state, and their shardings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,13 @@ class Trainer:
 
 
 def build_train_step(
-    cfg: Config, mesh: Mesh, loss_fn: LossFn, graphdef: nnx.GraphDef, params_state: nnx.State, frozen: Frozen, trainable=None
+    cfg: Config,
+    mesh: Mesh,
+    loss_fn: LossFn,
+    graphdef: nnx.GraphDef,
+    params_state: nnx.State,
+    frozen: Frozen,
+    trainable=None,
 ):
     """``(optimizer, schedule, state shardings, mask, jitted step)`` for parameters shaped like
     ``params_state`` (concrete or abstract: nothing is allocated). ``trainable`` (patterns or a

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_testutil import one_device, random_batch, tiny_cfg
 
-from minicpm_jax.config import MeshConfig, load_config
+from minicpm_jax.config import MeshConfig
 from minicpm_jax.model.factory import create_model
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train import trainable as tr
@@ -17,22 +18,7 @@ from minicpm_jax.train.step import leaf_batch_sharding
 
 
 def _cfg(*overrides):
-    return load_config(
-        "tiny-minicpm4",
-        ["dtype=float32", "train.steps=10", "optimizer.warmup_steps=0", "optimizer.schedule=constant", *overrides],
-    )
-
-
-def _batch(rows=8, seq=16, vocab=512, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, (rows, seq + 1)).astype(np.int32)
-    mask = (rng.random((rows, seq)) < 0.7).astype(np.float32)
-    mask[1] = 0.0
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
-
-
-def _one_device():
-    return make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
+    return tiny_cfg("optimizer.schedule=constant", *overrides)
 
 
 LOSS = functools.partial(next_token_loss, chunk_size=1024)
@@ -41,7 +27,9 @@ LOSS = functools.partial(next_token_loss, chunk_size=1024)
 def test_trainable_patterns_select_by_dotted_prefix():
     params = {"model": {"layers": {0: {"self_attn": {"q": 1}, "mlp": {"w": 2}}, 1: {"self_attn": {"q": 3}}}}}
     mask = tr.trainable_mask(params, ["model.layers.*.self_attn"])
-    assert mask == {"model": {"layers": {0: {"self_attn": {"q": True}, "mlp": {"w": False}}, 1: {"self_attn": {"q": True}}}}}
+    assert mask == {
+        "model": {"layers": {0: {"self_attn": {"q": True}, "mlp": {"w": False}}, 1: {"self_attn": {"q": True}}}}
+    }
     train, fixed = tr.split(params, mask)
     assert fixed == {"model": {"layers": {0: {"mlp": {"w": 2}}}}}
     assert tr.merge(train, fixed) == params
@@ -52,10 +40,10 @@ def test_trainable_patterns_select_by_dotted_prefix():
 
 def test_frozen_parameters_bit_identical_and_without_moments():
     cfg = _cfg("train.trainable=[model.layers.*.self_attn]")
-    trainer = create_trainer(cfg, _one_device(), LOSS)
+    trainer = create_trainer(cfg, one_device(), LOSS)
     before = jax.tree.map(np.asarray, trainer.state["params"])
     for seed in range(3):
-        metrics = trainer.step(_batch(seed=seed))
+        metrics = trainer.step(random_batch(seed=seed))
     assert bool(metrics["finite"])
     after = jax.tree.map(np.asarray, trainer.state["params"])
     train_before, fixed_before = tr.split(before, trainer.mask)
@@ -68,7 +56,7 @@ def test_frozen_parameters_bit_identical_and_without_moments():
     assert n_train == 8
     moments = [x for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0]
     assert len(moments) == 2 * n_train and sum(x.nbytes for x in moments) == 2 * bytes_train
-    full = create_trainer(_cfg(), _one_device(), LOSS)
+    full = create_trainer(_cfg(), one_device(), LOSS)
     n_all = len(jax.tree.leaves(full.state["params"]))
     assert len([x for x in jax.tree.leaves(full.state["opt_state"]) if x.ndim > 0]) == 2 * n_all > 2 * n_train
 
@@ -78,15 +66,21 @@ def _aux_loss(model, frozen, batch):
     loss_sum, (weight, _) = LOSS(model, frozen, batch)
     rows_with_tokens = jnp.sum(batch["loss_mask"].sum(-1) > 0)
     first = batch["input_ids"][:, 0].astype(jnp.float32)
-    return loss_sum, (weight, {"loss_copy": loss_sum, "first_id": (jnp.sum(first), first.shape[0] * 1.0),
-                               "rows_with_tokens": (rows_with_tokens, first.shape[0] * 1.0)})
+    return loss_sum, (
+        weight,
+        {
+            "loss_copy": loss_sum,
+            "first_id": (jnp.sum(first), first.shape[0] * 1.0),
+            "rows_with_tokens": (rows_with_tokens, first.shape[0] * 1.0),
+        },
+    )
 
 
 def test_aux_metrics_weighted_across_micro_batches():
-    batch = _batch()
+    batch = random_batch()
     out = {}
     for micro in (1, 4):
-        trainer = create_trainer(_cfg(f"train.micro_batches={micro}"), _one_device(), _aux_loss)
+        trainer = create_trainer(_cfg(f"train.micro_batches={micro}"), one_device(), _aux_loss)
         out[micro] = jax.device_get(trainer.step(batch))
     one, four = out[1], out[4]
     np.testing.assert_allclose(four["aux"]["loss_copy"], one["loss"], rtol=1e-6)
@@ -113,7 +107,7 @@ def test_kl_to_sharded_frozen_teacher_trains():
     trainer = create_trainer(cfg, mesh, _kl_to_teacher, frozen={"teacher": teacher})
     kernel = trainer.frozen.arrays["teacher"]["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    batch = {k: jax.device_put(v, leaf_batch_sharding(mesh, v)) for k, v in _batch().items()}
+    batch = {k: jax.device_put(v, leaf_batch_sharding(mesh, v)) for k, v in random_batch().items()}
     kls = [float(trainer.step(batch)["aux"]["kl"]) for _ in range(8)]
     assert kls[-1] < 0.5 * kls[0], kls
     # the teacher is an argument of the compiled step, not a constant folded into it
@@ -121,9 +115,7 @@ def test_kl_to_sharded_frozen_teacher_trains():
     frozen_in = compiled.input_shardings[0][1]["teacher"]["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert frozen_in.is_equivalent_to(kernel.sharding, 2)
     teacher_after = trainer.frozen.value()["teacher"]
-    np.testing.assert_array_equal(
-        np.asarray(teacher_after.model.layers[0].mlp.up_proj.kernel[...]), np.asarray(kernel)
-    )
+    np.testing.assert_array_equal(np.asarray(teacher_after.model.layers[0].mlp.up_proj.kernel[...]), np.asarray(kernel))
 
 
 def test_lm_head_flops_split_over_data_shards():
@@ -133,9 +125,9 @@ def test_lm_head_flops_split_over_data_shards():
     128 tokens here). The earlier loss, which chunked the flattened ``[B*T]`` tokens, measured 0.18.
     """
     cfg = _cfg("model.vocab_size=4096")  # a large head: replicating it would dominate the step
-    batch = _batch(rows=16, seq=32, vocab=4096)
+    batch = random_batch(rows=16, seq=32, vocab=4096)
     flops = {}
-    for name, mesh in (("one", _one_device()), ("eight", make_mesh(MeshConfig(fsdp=8)))):
+    for name, mesh in (("one", one_device()), ("eight", make_mesh(MeshConfig(fsdp=8)))):
         trainer = create_trainer(cfg, mesh, functools.partial(next_token_loss, chunk_size=128))
         placed = {k: jax.device_put(v, leaf_batch_sharding(mesh, v)) for k, v in batch.items()}
         compiled = trainer.train_step.lower(trainer.state, trainer.frozen.arrays, placed).compile()
@@ -148,7 +140,7 @@ def test_info_counts_optimizer_memory_of_the_trainable_subset_only():
 
     cfg = _cfg("train.trainable=[model.layers.*.self_attn]")
     info, full = model_info(cfg, 1), model_info(_cfg(), 1)
-    trainer = create_trainer(cfg, _one_device(), LOSS)
+    trainer = create_trainer(cfg, one_device(), LOSS)
     _, train_bytes = tr.count(tr.split(trainer.state["params"], trainer.mask)[0])
     moments = [x for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0]  # without step counters
     assert info.optimizer_bytes == 2 * train_bytes == sum(x.nbytes for x in moments)

@@ -37,13 +37,20 @@ def test_param_dependent_source_resumes_bit_exact_after_sigkill(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         done = [r["step"] for r in read_metrics(tmp_path / "crash") if "loss" in r]
         checkpoints = tmp_path / "crash" / "checkpoints"
-        if done and done[-1] >= kill_at and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        if (
+            done
+            and done[-1] >= kill_at
+            and checkpoints.is_dir()
+            and any(p.name.isdigit() for p in checkpoints.iterdir())
+        ):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(_command(tmp_path / "crash"), cwd=ROOT, env=_env(), check=True, capture_output=True, text=True)
+    resumed = subprocess.run(
+        _command(tmp_path / "crash"), cwd=ROOT, env=_env(), check=True, capture_output=True, text=True
+    )
     assert "resumed from" in resumed.stdout
     clean, crash = (jax.tree.leaves(load_model(tmp_path / run / "final")[1]) for run in ("clean", "crash"))
     for a, b in zip(clean, crash, strict=True):

@@ -7,19 +7,16 @@ import sys
 
 import numpy as np
 import pytest
+from train_testutil import SMALL_RUN
 
 from minicpm_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = [
+    *SMALL_RUN,
     "train.steps=25",
-    "train.global_batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
     "train.checkpoint_every=25",
     "data.seq_len=96",  # > dense_len 64: the InfLLM v2 layers take their sparse path on packed rows
-    "data.synthetic_documents=2000",
-    "optimizer.warmup_steps=2",
     "optimizer.decay_steps=5",
 ]
 

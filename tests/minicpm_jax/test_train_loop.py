@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_testutil import SMALL_RUN
 
 from minicpm_jax.ckpt import load_model
 from minicpm_jax.config import load_recipe
@@ -19,18 +20,6 @@ from minicpm_jax.train.metrics import read_metrics
 
 RECIPE = "configs/recipes/pretrain-tiny.yaml"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# a short run of the tiny recipe, shared by the in-process and the subprocess tests
-SMALL_RUN = [
-    "train.global_batch_size=8",
-    "data.seq_len=64",
-    "data.synthetic_documents=2000",
-    "optimizer.warmup_steps=2",
-    "optimizer.decay_steps=4",
-    "train.log_every=1",
-    "train.eval_every=0",
-]
 
 
 def _cfg(out, *overrides):

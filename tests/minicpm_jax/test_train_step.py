@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_testutil import one_device, random_batch, tiny_cfg
 
-from minicpm_jax.config import MeshConfig, load_config
+from minicpm_jax.config import MeshConfig
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train.loss import chunked_cross_entropy, next_token_loss
 from minicpm_jax.train.state import create_trainer
@@ -15,19 +16,7 @@ from minicpm_jax.train.step import accumulate_gradients, check_batch
 
 
 def _cfg(*overrides):
-    return load_config(
-        "tiny-minicpm4",
-        ["dtype=float32", "train.steps=10", "optimizer.warmup_steps=0", "optimizer.clip_norm=null", *overrides],
-    )
-
-
-def _batch(rows=8, seq=16, vocab=512, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, (rows, seq + 1)).astype(np.int32)
-    mask = (rng.random((rows, seq)) < 0.7).astype(np.float32)  # uneven token counts per row
-    mask[1] = 0.0
-    mask[-1, :3] = 0.0
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
+    return tiny_cfg("optimizer.clip_norm=null", *overrides)
 
 
 def _loss(cfg):
@@ -42,14 +31,10 @@ def _grads(trainer, batch):
     return jax.grad(objective)(trainer.state["params"])
 
 
-def _one_device():
-    return make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
-
-
 def test_chunked_cross_entropy_matches_full_logits():
     cfg = _cfg()
-    trainer = create_trainer(cfg, _one_device(), _loss(cfg))
-    model, b = trainer.model(), _batch(rows=2, seq=20)
+    trainer = create_trainer(cfg, one_device(), _loss(cfg))
+    model, b = trainer.model(), random_batch(rows=2, seq=20)
     h = model.hidden_states(jnp.asarray(b["input_ids"]))
     logp = jax.nn.log_softmax(model.logits(h), -1)
     full = -jnp.sum(jnp.take_along_axis(logp, b["targets"][..., None], -1)[..., 0] * b["loss_mask"])
@@ -63,8 +48,8 @@ def test_chunked_cross_entropy_matches_full_logits():
 def test_accumulated_gradient_equals_full_batch(remat):
     """4 micro-batches with uneven token counts give the one-batch gradient (and the same update)."""
     cfg = _cfg(f"train.remat={remat}", "optimizer.schedule=constant")
-    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
-    trainer = create_trainer(cfg, _one_device(), _loss(cfg))
+    batch = {k: jnp.asarray(v) for k, v in random_batch().items()}
+    trainer = create_trainer(cfg, one_device(), _loss(cfg))
     params = trainer.state["params"]
     reference = _grads(trainer, batch)
     for micro in (1, 4):
@@ -74,9 +59,9 @@ def test_accumulated_gradient_equals_full_batch(remat):
         assert weight == batch["loss_mask"].sum()
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
             np.testing.assert_allclose(g, r, atol=1e-5)
-    one = create_trainer(cfg, _one_device(), _loss(cfg))
+    one = create_trainer(cfg, one_device(), _loss(cfg))
     four = create_trainer(
-        _cfg(f"train.remat={remat}", "optimizer.schedule=constant", "train.micro_batches=4"), _one_device(), _loss(cfg)
+        _cfg(f"train.remat={remat}", "optimizer.schedule=constant", "train.micro_batches=4"), one_device(), _loss(cfg)
     )
     m1, m4 = one.step(batch), four.step(batch)
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
@@ -85,10 +70,10 @@ def test_accumulated_gradient_equals_full_batch(remat):
 
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(fsdp=2, tensor=4), MeshConfig(data=2, fsdp=4)])
 def test_sharded_step_equals_single_device(mesh_cfg):
-    batch = _batch()
+    batch = random_batch()
     cfg = _cfg("train.micro_batches=2")
     out = {}
-    for name, mesh in (("one", _one_device()), ("many", make_mesh(mesh_cfg))):
+    for name, mesh in (("one", one_device()), ("many", make_mesh(mesh_cfg))):
         trainer = create_trainer(cfg, mesh, _loss(cfg))
         grads, _, _, _ = jax.jit(accumulate_gradients, static_argnums=(0, 1, 6))(
             trainer.graphdef, _loss(cfg), trainer.state["params"], {}, None, batch, 2
@@ -112,8 +97,8 @@ def test_non_finite_loss_skips_update():
         loss_sum, aux = _loss(cfg)(model, frozen, batch)
         return loss_sum * jnp.where(batch["poison"].any(), jnp.nan, 1.0), aux
 
-    trainer = create_trainer(cfg, _one_device(), poisoned)
-    batch = {**_batch(), "poison": np.zeros((8, 16), np.int32)}
+    trainer = create_trainer(cfg, one_device(), poisoned)
+    batch = {**random_batch(), "poison": np.zeros((8, 16), np.int32)}
     state, metrics = trainer.train_step(trainer.state, trainer.frozen.arrays, batch)
     assert bool(metrics["finite"])
     before = jax.tree.map(np.asarray, state)
