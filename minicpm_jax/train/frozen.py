@@ -54,10 +54,14 @@ def prepare_frozen(frozen, mesh: Mesh) -> Frozen:
     return Frozen(graphdef, arrays, shardings)
 
 
-def load_frozen(sources: dict[str, str], *, mesh: Mesh, dtype, param_dtype) -> dict | None:
-    """``{name: model}`` loaded (sharded on ``mesh``) from ``train.frozen``'s sources; None if there are none."""
+def load_frozen(sources: dict[str, str], *, mesh: Mesh, dtype) -> dict | None:
+    """``{name: model}`` loaded (sharded on ``mesh``) from ``train.frozen``'s sources; None if there are none.
+
+    Frozen models only run forward, so their weights are stored in the compute ``dtype`` (no fp32
+    master copy): a bf16 teacher takes half the memory of the student's fp32 weights.
+    """
     if not sources:
         return None
     from minicpm_jax.ckpt import load_any
 
-    return {name: load_any(src, mesh=mesh, dtype=dtype, param_dtype=param_dtype)[1] for name, src in sources.items()}
+    return {name: load_any(src, mesh=mesh, dtype=dtype, param_dtype=dtype)[1] for name, src in sources.items()}

@@ -99,7 +99,7 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console) -> Run:
             console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
             cfg = cfg.model_copy(update={"model": model_cfg})
     if frozen is None:
-        frozen = load_frozen(tc.frozen, mesh=mesh, **dtypes)
+        frozen = load_frozen(tc.frozen, mesh=mesh, dtype=dtypes["dtype"])
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     data_kw = dict(
         tokenizer=tokenizer, vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.max_position_embeddings

@@ -180,7 +180,14 @@ def test_frozen_teacher_from_config_is_reloaded_on_resume_and_not_checkpointed(t
             ],
         )
 
-    run_training(cfg(2), loss_fn=_kl_to_teacher)
+    seen = []
+
+    def kl_loss(model, frozen, batch):
+        seen.append(frozen["teacher"].model.norm.weight[...].dtype)
+        return _kl_to_teacher(model, frozen, batch)
+
+    run_training(cfg(2).model_copy(update={"dtype": "bfloat16"}), loss_fn=kl_loss)
+    assert seen and all(d == jnp.bfloat16 for d in seen)  # inference-only: stored in the compute dtype
     summary = run_training(cfg(6), loss_fn=_kl_to_teacher)
     assert summary["steps"] == 6 and "eval_kl" in summary
     kls = [r["kl"] for r in read_metrics(tmp_path / "run") if "kl" in r]
