@@ -107,18 +107,16 @@ def test_packed_rows_equal_documents_alone(sala):
     """Packed documents stay apart in sparse MiniCPM4 above dense_len and in the SALA hybrid
     (InfLLM v2 and Lightning layers, per-document RoPE positions): each equals its own forward."""
     cfg = load_config("tiny-minicpm4-sparse", ["model.sparse_config.dense_len=0"]).model
-    model = create_model(cfg, seed=3, dtype=jnp.float32)
     a, b = RNG.integers(0, 512, 70), RNG.integers(0, 512, 50)
     packed = jnp.asarray(np.concatenate([a, b]))[None]
     seg = jnp.asarray([0] * 70 + [1] * 50)[None]
     pos = jnp.asarray(list(range(70)) + list(range(50)))[None]
-    out = np.asarray(model(packed, positions=pos, segment_ids=seg))[0]
-    np.testing.assert_allclose(out[:70], np.asarray(model(jnp.asarray(a)[None]))[0], atol=1e-5)
-    hybrid = sala[1]
-    out = np.asarray(hybrid(packed, positions=pos, segment_ids=seg))[0]
-    np.testing.assert_allclose(out[:70], np.asarray(hybrid(jnp.asarray(a)[None]))[0], atol=1e-4)
-    np.testing.assert_allclose(out[70:], np.asarray(hybrid(jnp.asarray(b)[None]))[0], atol=1e-4)
-    assert np.abs(out[70:] - np.asarray(hybrid(packed))[0, 70:]).max() > 1e-2  # unpacked would leak
+    for model, atol in ((create_model(cfg, seed=3, dtype=jnp.float32), 1e-5), (sala[1], 1e-4)):
+        run = jax.jit(lambda ids, p=None, s=None, m=model: m(ids, positions=p, segment_ids=s)[0])
+        out = np.asarray(run(packed, pos, seg))
+        np.testing.assert_allclose(out[:70], np.asarray(run(jnp.asarray(a)[None])), atol=atol)
+        np.testing.assert_allclose(out[70:], np.asarray(run(jnp.asarray(b)[None])), atol=atol)
+        assert np.abs(out[70:] - np.asarray(run(packed))[70:]).max() > 1e-2  # unpacked would leak
 
 
 @pytest.mark.slow  # ~45 s on 2 shared cores

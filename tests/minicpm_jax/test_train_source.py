@@ -20,7 +20,7 @@ STEPS = 24
 
 
 def _command(out):
-    return [sys.executable, os.path.join(HERE, "engine_source_run.py"), str(out), str(STEPS)]
+    return [sys.executable, os.path.join(HERE, "train_source_run.py"), str(out), str(STEPS)]
 
 
 def _env():

@@ -1,5 +1,5 @@
 """A run on the engine with a custom ``BatchSource`` whose batches depend on the current parameters
-and a loss with aux metrics; ``python engine_source_run.py OUT STEPS`` (used by test_engine_source)."""
+and a loss with aux metrics; ``python train_source_run.py OUT STEPS`` (used by test_train_source)."""
 
 import os
 import sys
