@@ -145,7 +145,7 @@ def _train(run: Run, console: Console) -> dict:
     start = int(trainer.state["step"])
     stop = {"signal": None}
     with _stop_on_signals(stop), _progress(console) as progress:
-        task = progress.add_task("train", total=tc.steps, completed=start, loss=float("nan"))
+        task = progress.add_task("train", total=tc.steps, completed=start, loss=float("nan"), aux="")
         for step in range(start + 1, tc.steps + 1):
             batch = global_batch(trainer.mesh, run.source.next_batch(step, trainer))
             monitor.push(step, trainer.step(batch), batch["input_ids"].size if "input_ids" in batch else 0)
@@ -155,7 +155,7 @@ def _train(run: Run, console: Console) -> dict:
             if step % tc.log_every == 0 or last or evaluate_now or checkpoint_now:
                 values = monitor.flush()
                 if values:
-                    progress.update(task, loss=values["loss"])
+                    progress.update(task, loss=values["loss"], aux=values["aux_summary"])
             progress.update(task, completed=step)
             if evaluate_now:
                 monitor.logger.log(step, evaluate(trainer, run.eval_batches))
@@ -215,6 +215,7 @@ def _progress(console: Console) -> Progress:
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[aux]}"),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),

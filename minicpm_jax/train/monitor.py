@@ -43,14 +43,14 @@ class StepMonitor:
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.pending: list[tuple[int, dict, int]] = []
         self.losses: list[float] = []  # finite steps' losses, in order
-        self.last: dict = {}
         self.tick = time.perf_counter()
 
     def push(self, step: int, metrics: dict, tokens: int) -> None:
         self.pending.append((step, metrics, tokens))
 
     def flush(self) -> dict | None:
-        """Fetch, check and log the buffered steps; returns the newest step's host values (or None)."""
+        """Fetch, check and log the buffered steps; returns the newest step's host values (or None),
+        with ``aux_summary``, a short text of the first aux metrics for the progress bar."""
         if not self.pending:
             return None
         steps, fetched, tokens = zip(*self.pending)
@@ -74,10 +74,11 @@ class StepMonitor:
         newest = fetched[-1]
         tokens_per_s = sum(tokens) / elapsed
         values = {k: float(newest[k]) for k in LOGGED}
-        values.update({k: float(v) for k, v in newest["aux"].items()})
+        aux = {k: float(v) for k, v in newest["aux"].items()}
+        values.update(aux)
         values["tokens_per_s"] = tokens_per_s
         if self.peak and self.flops_per_token:
             values["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count())
         self.logger.log(steps[-1], values)
-        self.last = values
+        values["aux_summary"] = "  ".join(f"{k} {v:.4g}" for k, v in list(aux.items())[:3])
         return values
