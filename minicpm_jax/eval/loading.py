@@ -1,0 +1,110 @@
+"""What evaluation reads: the model and tokenizer of any checkpoint source, and task data files.
+
+``load_model_and_tokenizer`` takes a native checkpoint, a Hugging Face directory or a preset name
+(fresh initialisation, with the byte-level tokenizer, since a preset carries none). Data readers
+give one clear error naming the file (and the line, for JSONL) for a missing file or record field.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+
+def byte_tokenizer():
+    """The byte-level tokenizer of training runs as a ``minicpm_jax.generate.text.Tokenizer``."""
+    from minicpm_jax.generate.text import load_tokenizer, write_byte_tokenizer_marker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_tokenizer_marker(tmp)
+        return load_tokenizer(tmp)
+
+
+def load_model_and_tokenizer(
+    source: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    mesh=None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    seed: int = 0,
+):
+    """``(model config, model, tokenizer)``; the tokenizer comes from ``tokenizer`` (a directory), else
+    the checkpoint directory, else (a preset) the byte-level tokenizer."""
+    from minicpm_jax.ckpt import load_any
+    from minicpm_jax.data.tokenizer import check_vocab
+    from minicpm_jax.generate.text import load_tokenizer
+
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif Path(source).is_dir():
+        tok = load_tokenizer(source)
+    else:
+        tok = byte_tokenizer()
+    cfg, model = load_any(source, mesh=mesh, dtype=dtype, param_dtype=param_dtype, seed=seed)
+    check_vocab(tok, cfg.vocab_size, where=f"tokenizer of {tokenizer or source} (--tokenizer DIR)")
+    return cfg, model, tok
+
+
+def _check_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
+    return path
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...], *, what: str) -> list[dict[str, Any]]:
+    """The objects of a JSONL file (blank lines skipped, ``_line`` added); a line that is not a JSON
+    object or lacks a ``required`` key raises naming the file, the line and the key."""
+    path = _check_file(path, what)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} {path} line {number}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{what} {path} line {number}: expected a JSON object, got {type(record).__name__}")  # noqa: TRY004
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ValueError(
+                f"{what} {path} line {number}: missing key(s) {missing} (each line needs {list(required)})"
+            )
+        records.append(record | {"_line": number})
+    if not records:
+        raise ValueError(f"{what} {path}: no records")
+    return records
+
+
+def read_texts(paths: str | Path | list, text_field: str = "text") -> list[str]:
+    """Documents of ``.txt`` files (one document per file), JSONL (``text_field`` of each line) or
+    Parquet (the ``text_field`` column)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("perplexity: option 'paths' is empty (give .txt, .jsonl or .parquet files)")
+    texts: list[str] = []
+    for p in paths:
+        path = _check_file(p, "perplexity data")
+        if path.suffix in (".jsonl", ".json"):
+            for r in read_jsonl(path, (text_field,), what="perplexity data"):
+                if not isinstance(r[text_field], str):
+                    raise ValueError(f"perplexity data {path} line {r['_line']}: {text_field!r} is not a string")  # noqa: TRY004
+                texts.append(r[text_field])
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if text_field not in table.column_names:
+                raise ValueError(
+                    f"perplexity data {path}: no column {text_field!r} (text_field); columns: {table.column_names}"
+                )
+            texts += [str(t) for t in table.column(text_field).to_pylist() if t is not None]
+        else:
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts
