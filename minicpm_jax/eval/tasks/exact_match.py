@@ -70,16 +70,17 @@ def exact_match(
     completions: list[str] = []
     with progress(len(examples), "exact_match") as advance:
         for start in range(0, len(examples), ctx.batch_size):
-            stop = start + ctx.batch_size
+            batch, budget = prompts[start : start + ctx.batch_size], budgets[start : start + ctx.batch_size]
+            fill = ctx.batch_size - len(batch)  # a full batch every call: one compilation
             result = generate(
                 ctx.model,
-                prompts[start:stop],
-                max_new_tokens=budgets[start:stop],
+                batch + [batch[0]] * fill,
+                max_new_tokens=budget + [1] * fill,
                 stop_token_ids=tok.stop_ids,
                 pad_id=tok.pad_id,
             )
-            completions += [tok.decode(result.row_tokens(i)) for i in range(len(prompts[start:stop]))]
-            advance(len(prompts[start:stop]))
+            completions += [tok.decode(result.row_tokens(i)) for i in range(len(batch))]
+            advance(len(batch))
     rows = []
     for (prompt, answer), completion in zip(examples, completions):
         text = cut_at(completion, until)

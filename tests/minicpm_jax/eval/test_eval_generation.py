@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,8 +18,11 @@ from minicpm_jax.model import create_model
 def greedy_by_hand(model, ids, steps, stop_ids):
     ids = list(ids)
     out = []
+    forward = jax.jit(lambda x: model(x))  # causal: right padding does not change earlier logits
     for _ in range(steps):
-        logits = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0, -1]
+        padded = np.zeros((1, 32), np.int32)
+        padded[0, : len(ids)] = ids
+        logits = np.asarray(forward(padded))[0, len(ids) - 1]
         token = int(np.argmax(logits))
         out.append(token)
         ids.append(token)

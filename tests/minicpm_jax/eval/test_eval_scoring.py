@@ -1,8 +1,10 @@
 """Log-likelihood scoring, perplexity and multiple choice against NumPy sums from the model's full logits."""
 
+import functools
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,9 +25,20 @@ def tiny():
     return create_model(cfg, seed=3, dtype=jnp.float32), byte_tokenizer()
 
 
+@functools.cache
+def _jitted(model):
+    return jax.jit(lambda x: model(x))
+
+
+def _forward(model, ids):
+    return _jitted(model)(ids)
+
+
 def np_logprobs(model, ids) -> np.ndarray:
     """log p(ids[t+1] | ids[:t+1]) for every t, float64 log-softmax of the full logits."""
-    logits = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0].astype(np.float64)
+    padded = np.zeros((1, 128), np.int32)  # one compilation; causal, so padding changes no earlier logit
+    padded[0, : len(ids)] = ids
+    logits = np.asarray(_forward(model, padded))[0, : len(ids)].astype(np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     return logp[np.arange(len(ids) - 1), ids[1:]]
