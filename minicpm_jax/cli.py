@@ -1,4 +1,4 @@
-"""The ``minicpm-jax`` command line: demo, train, generate, info, import-hf, export-hf.
+"""The ``minicpm-jax`` command line: demo, train, generate, eval, info, import-hf, export-hf.
 
 Every command takes ``section.key=value`` overrides of the run config (``mesh.fsdp=4``,
 ``dtype=float32``, and for ``info`` also ``model.num_hidden_layers=4``).
@@ -225,6 +225,98 @@ def cmd_generate(args) -> None:
         )
 
 
+EVAL_RECIPE_KEYS = ("tasks", "batch_size", "seed", "output_dir", "mesh", "dtype", "param_dtype")
+
+
+def _eval_recipe(args) -> tuple[dict, dict]:
+    """``(recipe, run-config overrides)`` of ``eval``: the recipe YAML (if any) with ``tasks.*``
+    overrides applied, relative data paths resolved against the recipe's folder, ``--tasks`` chosen."""
+    recipe: dict = {}
+    base = Path.cwd()
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: no such file {args.config!r}")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        base = path.resolve().parent
+        unknown = sorted(set(recipe) - set(EVAL_RECIPE_KEYS))
+        if unknown:
+            raise ConfigError([f"{k}: unknown key (accepted: {list(EVAL_RECIPE_KEYS)})" for k in unknown], str(path))
+    task_overrides = [o for o in args.overrides if o.startswith("tasks.")]
+    recipe = apply_overrides(recipe, task_overrides)
+    tasks = recipe.get("tasks") or {}
+    if isinstance(tasks, list):
+        tasks = {t: {} for t in tasks}
+    if args.tasks:
+        chosen = [t for t in args.tasks.split(",") if t]
+        tasks = {t: tasks.get(t, {}) for t in chosen}
+    if not tasks:
+        raise ValueError("eval: no tasks (give --tasks name,... or a --config recipe with tasks: {name: options})")
+    for options in tasks.values():
+        for key in ("path", "paths"):
+            value = (options or {}).get(key)
+            if isinstance(value, str):
+                options[key] = _recipe_path(value, base)
+            elif isinstance(value, list):
+                options[key] = [_recipe_path(v, base) for v in value]
+    run = {k: recipe[k] for k in ("mesh", "dtype", "param_dtype") if k in recipe}
+    if "seed" in recipe:
+        run["seed"] = recipe["seed"]
+    return recipe | {"tasks": tasks}, run
+
+
+def _recipe_path(value: str, base: Path) -> str:
+    """A relative data path: beside the recipe when it exists there, else as given (from the cwd)."""
+    path = Path(value)
+    return str(base / path) if not path.is_absolute() and (base / path).exists() else value
+
+
+def cmd_eval(args) -> None:
+    import jax.numpy as jnp
+
+    from minicpm_jax.eval import evaluate
+    from minicpm_jax.eval.loading import load_model_and_tokenizer
+    from minicpm_jax.eval.report import write_report
+    from minicpm_jax.sharding import make_mesh
+
+    recipe, run = _eval_recipe(args)
+    overrides = [o for o in args.overrides if not o.startswith("tasks.")]
+    if any(o.startswith("model.") for o in overrides):
+        raise ConfigError(["model.*: eval takes the model from --checkpoint; only mesh.*, dtype, param_dtype, seed"])
+    cfg = build_config(apply_overrides(run, overrides))
+    mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides) or "mesh" in run else None
+    output = Path(args.output or recipe.get("output_dir") or "outputs/eval")
+    batch_size = args.batch_size or recipe.get("batch_size", 8)
+    start = time.perf_counter()
+    model_cfg, model, tokenizer = load_model_and_tokenizer(
+        args.checkpoint,
+        tokenizer=args.tokenizer,
+        mesh=mesh,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        seed=cfg.seed,
+    )
+    console.print(
+        f"evaluating {args.checkpoint} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers, "
+        f"{cfg.dtype}) on {list(recipe['tasks'])}, batch {batch_size}"
+    )
+    results = evaluate(
+        model, recipe["tasks"], tokenizer=tokenizer, batch_size=batch_size, seed=cfg.seed, output_dir=output
+    )
+    config = {"recipe": args.config, "tasks": recipe["tasks"], "batch_size": batch_size}
+    config |= {"run": cfg.model_dump(mode="json", include={"mesh", "dtype", "param_dtype", "seed"})}
+    config |= {"model": model_cfg.model_dump(mode="json"), "tokenizer": repr(tokenizer)}
+    write_report(output, results, source=str(args.checkpoint), config=config)
+    table = Table(title=f"{args.checkpoint} ({time.perf_counter() - start:.1f}s)")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for label, res in results.items():
+        for metric, value in res["metrics"].items():
+            table.add_row(label, metric, f"{value:.4f}")
+    console.print(table)
+    console.print(f"report -> {output / 'report.json'}, {output / 'report.md'}")
+
+
 def _write_jsonl(path: Path, records) -> None:
     """Write records to ``path`` via a temporary file, so a failed run leaves no partial output."""
     tmp = path.with_name(path.name + ".tmp")
@@ -278,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's dtype)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on tasks (recipe YAML or --tasks); writes report.json/md")
+    p.add_argument("--checkpoint", required=True, help="minicpm_jax checkpoint, Hugging Face directory or preset")
+    p.add_argument("--config", help="eval recipe YAML (configs/recipes/eval-*.yaml): tasks: {name: options}")
+    p.add_argument("--tasks", help="comma-separated tasks to run (from the recipe, else with default options)")
+    p.add_argument("--output", help="report directory (default: the recipe's output_dir, else outputs/eval)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's; byte-level for a preset)")
+    p.add_argument("--batch-size", type=int, help="requests per batch (default: the recipe's, else 8)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
     p.add_argument("model", help="preset name (see configs/models) or a YAML file")
