@@ -156,3 +156,20 @@ def test_bad_inputs(tiny, tmp_path):
         run_task("perplexity", ctx, {"paths": [str(long)], "max_length": 2048})
     with pytest.raises(ValueError, match=r"is 1100 tokens; the model's context \(max_position_embeddings\) is 1024"):
         loglikelihood(model, [(tok.encode("x" * 1000), tok.encode("y" * 101))])
+
+
+def test_loglikelihood_sharded_and_hybrid(tiny):
+    """fsdp=8 parameters (a batch of 3 padded to 8 rows) give the single-device scores; the hybrid
+    (sparse + Lightning) model's scores equal sums from its full logits."""
+    from minicpm_jax.config import MeshConfig
+    from minicpm_jax.sharding import make_mesh
+
+    model, tok = tiny
+    pairs = [encode_pair(tok, "47+38:", " 85"), encode_pair(tok, "copy: ab ->", " ab"), encode_pair(tok, "x", "yz")]
+    sharded = create_model(model.config, mesh=make_mesh(MeshConfig(fsdp=8)), seed=3, dtype=jnp.float32)
+    np.testing.assert_allclose(
+        [s for s, _ in loglikelihood(sharded, pairs, 3)], [s for s, _ in loglikelihood(model, pairs, 3)], atol=1e-4
+    )
+    sala = create_model(load_config("tiny-sala").model, seed=0, dtype=jnp.float32)
+    for (ctx, cont), (score, _) in zip(pairs, loglikelihood(sala, pairs, 2)):
+        assert score == pytest.approx(np_logprobs(sala, ctx + cont)[len(ctx) - 1 :].sum(), abs=1e-4)
