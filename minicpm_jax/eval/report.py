@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 MAX_MD_ROWS = 50  # rows shown per task in report.md (report.json keeps them all)
@@ -21,7 +22,7 @@ MAX_MD_ROWS = 50  # rows shown per task in report.md (report.json keeps them all
 @contextlib.contextmanager
 def progress(total: int, description: str) -> Iterator:
     """``with progress(n, "task") as advance: ... advance(k)``: a progress bar with ETA (off when
-    ``MINICPM_JAX_NO_PROGRESS`` is set)."""
+    ``MINICPM_JAX_NO_PROGRESS`` is set or stdout is not a terminal)."""
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -30,7 +31,7 @@ def progress(total: int, description: str) -> Iterator:
         TextColumn("eta"),
         TimeRemainingColumn(),
         transient=True,
-        disable=bool(os.environ.get("MINICPM_JAX_NO_PROGRESS")),
+        disable=bool(os.environ.get("MINICPM_JAX_NO_PROGRESS")) or not Console().is_terminal,
     )
     with bar:
         task = bar.add_task(description, total=total)
