@@ -49,7 +49,14 @@ def multiple_choice(
             raise ValueError(f"{where}: {choices_field!r} must be a list of at least 2 non-empty strings")
         golds.append(_gold(r, choices, where, gold_field))
         spans.append((len(pairs), len(choices)))
-        pairs += [encode_pair(ctx.tokenizer, r[context_field], c) for c in choices]
+        encoded = [encode_pair(ctx.tokenizer, r[context_field], c) for c in choices]
+        longest = max(len(a) + len(b) - 1 for a, b in encoded)
+        if longest > ctx.model.config.max_position_embeddings:
+            raise ValueError(
+                f"{where}: context + choice is {longest} tokens; the model's context (max_position_embeddings) "
+                f"is {ctx.model.config.max_position_embeddings}"
+            )
+        pairs += encoded
     with progress(len(pairs), "multiple_choice") as advance:
         scores = loglikelihood(ctx.model, pairs, ctx.batch_size, on_batch=advance)
     rows, acc, acc_norm = [], [], []

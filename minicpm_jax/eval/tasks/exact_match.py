@@ -64,9 +64,20 @@ def exact_match(
         examples = [(str(r["prompt"]), str(r["answer"])) for r in records]
     else:
         examples = synthetic_examples(dataset, num_examples, ctx.seed)
+    until = [until] if isinstance(until, str) else list(until)
+    if num_examples < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise ValueError(f"exact_match: num_examples={num_examples}, max_new_tokens={max_new_tokens} (need >= 1)")
     tok = ctx.tokenizer
     prompts = [encode_context(tok, p) for p, _ in examples]
     budgets = [max_new_tokens or len(tok.encode(a, add_bos=False)) + 1 for _, a in examples]
+    context = ctx.model.config.max_position_embeddings
+    for i, ids in enumerate(prompts):
+        if len(ids) >= context:
+            where = f"exact_match data {path} line {records[i]['_line']}" if path is not None else f"example {i}"
+            raise ValueError(
+                f"{where}: prompt is {len(ids)} tokens; the model's context (max_position_embeddings) is "
+                f"{context}, leaving no room to generate"
+            )
     completions: list[str] = []
     with progress(len(examples), "exact_match") as advance:
         for start in range(0, len(examples), ctx.batch_size):

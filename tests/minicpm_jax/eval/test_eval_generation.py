@@ -60,6 +60,9 @@ def test_exact_match_equals_greedy_decoding(tmp_path):
     assert res.metrics["exact_match"] == pytest.approx(2 / 3)
     with pytest.raises(FileNotFoundError, match="no such file"):
         run_task("exact_match", ctx, {"path": str(tmp_path / "none.jsonl")})
+    path.write_text(json.dumps({"prompt": "a" * 1100, "answer": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: prompt is 1101 tokens; .* is 1024"):
+        run_task("exact_match", ctx, {"path": str(path)})
     path.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"line 1: missing key\(s\) \['answer'\]"):
         run_task("exact_match", ctx, {"path": str(path)})

@@ -150,6 +150,9 @@ def test_bad_inputs(tiny, tmp_path):
     )
     with pytest.raises(ValueError, match=r"line 3: missing key\(s\) \['choices'\]"):
         run_task("multiple_choice", ctx, {"path": str(bad)})
+    bad.write_text(json.dumps({"context": "x" * 1030, "choices": ["b", "c"], "gold": 0}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: context \+ choice is 1031 tokens; .* is 1024"):
+        run_task("multiple_choice", ctx, {"path": str(bad)})
     long = tmp_path / "long.txt"
     long.write_text("x" * 1100)
     with pytest.raises(ValueError, match="max_length=2048 exceeds the model's context"):
