@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -98,8 +99,10 @@ def write_report(output_dir: str | Path, results: dict, *, source: str, config: 
     """Write ``report.json`` and ``report.md`` into ``output_dir``; returns the report dict.
 
     ``results``: ``{task label: {"task", "options", "metrics", "rows", "plots", "seconds"}}`` (what
-    ``minicpm_jax.eval.evaluate`` returns)."""
+    ``minicpm_jax.eval.evaluate`` returns). Only process 0 writes."""
     report = _jsonable({"source": source, "config": config or {}, "results": results})
+    if jax.process_index() != 0:  # multi-host: process 0 alone writes
+        return report
     out = Path(output_dir)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "report.md", markdown(report))
