@@ -216,6 +216,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: StrictInt = 3
     log_every: StrictInt = 10
     eval_every: StrictInt = 0  # 0 = only at the end
+    # minicpm_jax.eval tasks run at every evaluation ({label: options}, as in eval recipes' `tasks`)
+    eval_tasks: dict[str, dict] = {}
     max_consecutive_nonfinite: StrictInt = 5
     init_from: str | None = None  # a checkpoint / HF dir / preset to start the weights from
     # parameters to train (dotted-path patterns, e.g. "model.layers.*.self_attn"); empty = all

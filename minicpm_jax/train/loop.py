@@ -150,7 +150,8 @@ def _train(run: Run, console: Console) -> dict:
             batch = global_batch(trainer.mesh, run.source.next_batch(step, trainer))
             monitor.push(step, trainer.step(batch), batch["input_ids"].size if "input_ids" in batch else 0)
             last = step == tc.steps or stop["signal"]
-            evaluate_now = run.eval_batches and tc.eval_every and step % tc.eval_every == 0
+            evaluate_now = (run.eval_batches or tc.eval_tasks) and tc.eval_every and step % tc.eval_every == 0
+            evaluate_now = evaluate_now and step != tc.steps  # the last step is evaluated after the loop
             checkpoint_now = step % tc.checkpoint_every == 0 or last
             if step % tc.log_every == 0 or last or evaluate_now or checkpoint_now:
                 values = monitor.flush()
@@ -158,7 +159,7 @@ def _train(run: Run, console: Console) -> dict:
                     progress.update(task, loss=values["loss"], aux=values["aux_summary"])
             progress.update(task, completed=step)
             if evaluate_now:
-                monitor.logger.log(step, evaluate(trainer, run.eval_batches))
+                monitor.logger.log(step, _evaluations(run, step))
             if checkpoint_now:
                 state = run.source.get_state()
                 run.checkpointer.save(step, trainer.state, state, cfg.model_dump(mode="json"), force=True)
@@ -173,8 +174,8 @@ def _train(run: Run, console: Console) -> dict:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
     }
-    if run.eval_batches:
-        results = evaluate(trainer, run.eval_batches)
+    if run.eval_batches or tc.eval_tasks:
+        results = _evaluations(run, summary["steps"])
         summary.update(results)
         monitor.logger.log(summary["steps"], results)
     if summary["steps"] == tc.steps:
@@ -192,6 +193,33 @@ def evaluate(trainer: Trainer, batches: list[dict]) -> dict[str, float]:
         total, weight = total + float(s), weight + float(w)
         parts = aux if not parts else jax.tree.map(lambda a, b: a + b, parts, aux)
     return {"eval_loss": total / max(weight, 1.0), **{f"eval_{k}": float(v) for k, v in aux_values(parts).items()}}
+
+
+def _evaluations(run: Run, step: int) -> dict[str, float]:
+    """Held-out loss (``evaluate``) and the ``train.eval_tasks`` metrics as ``eval/<label>/<metric>``."""
+    results = evaluate(run.trainer, run.eval_batches) if run.eval_batches else {}
+    if run.cfg.train.eval_tasks:
+        from minicpm_jax.eval import evaluate as evaluate_tasks
+
+        tasks = evaluate_tasks(
+            run.trainer.model(),
+            run.cfg.train.eval_tasks,
+            tokenizer=_eval_tokenizer(run.cfg.data.tokenizer),
+            seed=run.cfg.seed,
+            output_dir=run.out / "eval" / f"step-{step}",
+        )
+        results.update({f"eval/{label}/{k}": v for label, r in tasks.items() for k, v in r["metrics"].items()})
+    return results
+
+
+def _eval_tokenizer(source: str | None):
+    """The run's tokenizer as evaluation tasks take it (byte-level when ``data.tokenizer`` is None)."""
+    from minicpm_jax.eval.loading import byte_tokenizer
+    from minicpm_jax.generate.text import load_tokenizer
+
+    if source is None:
+        return byte_tokenizer()
+    return load_tokenizer(source if Path(source).is_dir() else Path(source).parent)
 
 
 @contextlib.contextmanager

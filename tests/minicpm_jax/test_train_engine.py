@@ -199,3 +199,37 @@ def test_frozen_teacher_from_config_is_reloaded_on_resume_and_not_checkpointed(t
     assert any("embed_tokens" in k for k in saved) and not any("teacher" in k for k in saved)
     recorded = json.loads((state_dir.parent / "config" / "metadata").read_text())
     assert recorded["train"]["frozen"] == {"teacher": str(tmp_path / "teacher")}
+
+
+def test_eval_tasks_run_during_training(tmp_path):
+    """``train.eval_tasks`` run through ``minicpm_jax.eval`` at each evaluation and reach metrics.jsonl."""
+    import os
+
+    from minicpm_jax.config import load_recipe
+    from minicpm_jax.train.loop import run_training
+    from minicpm_jax.train.metrics import read_metrics
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_recipe(
+        os.path.join(root, "configs/recipes/pretrain-tiny.yaml"),
+        [
+            f"train.output_dir={tmp_path}",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.global_batch_size=8",
+            "data.seq_len=32",
+            "data.synthetic_documents=200",
+            "data.eval_documents=0",
+            "optimizer.warmup_steps=0",
+            "optimizer.decay_steps=0",
+            "train.eval_tasks.sums.task=exact_match",
+            "train.eval_tasks.sums.dataset=arithmetic",
+            "train.eval_tasks.sums.num_examples=4",
+            "train.eval_tasks.sums.max_new_tokens=4",
+        ],
+    )
+    summary = run_training(cfg)
+    logged = [r for r in read_metrics(tmp_path) if "eval/sums/exact_match" in r]
+    assert [r["step"] for r in logged] == [2, 4]  # every eval_every steps (the last one after the loop)
+    assert all(0.0 <= r["eval/sums/exact_match"] <= 1.0 for r in logged)
+    assert summary["eval/sums/exact_match"] == logged[-1]["eval/sums/exact_match"]
