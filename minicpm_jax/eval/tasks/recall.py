@@ -41,11 +41,11 @@ def _distinct(rng: np.random.Generator, letters: np.ndarray, size: int, n: int) 
 
 
 def mqar_example(
-    tok, rng: np.random.Generator, num_pairs: int, num_queries: int
+    tok, rng: np.random.Generator, num_pairs: int, num_queries: int, key_length: int = 3, value_length: int = 2
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """``(tokens, answer spans)`` of one MQAR sequence; one span per query (its value's tokens)."""
-    keys = _distinct(rng, _LOWER, 3, num_pairs)
-    values = [f"{v:02d}" for v in rng.integers(0, 100, size=num_pairs)]
+    keys = _distinct(rng, _LOWER, key_length, num_pairs)
+    values = ["".join(str(d) for d in rng.integers(0, 10, size=value_length)) for _ in range(num_pairs)]
     ids = _bos(tok) + _encode(tok, "kv")
     for k, v in zip(keys, values):
         ids += _encode(tok, f" {k}={v}")
@@ -107,14 +107,24 @@ def mqar(
     *,
     num_pairs: Sequence[int] = (4, 8, 16, 32),
     num_queries: int = 4,
+    key_length: int = 3,
+    value_length: int = 2,
     num_samples: int = 16,
     seed: int | None = None,
 ) -> TaskResult:
-    """Accuracy per query vs number of key-value pairs (``min(num_queries, pairs)`` queries per example)."""
+    """Accuracy per query vs number of key-value pairs (``min(num_queries, pairs)`` queries per example);
+    keys are ``key_length`` lowercase letters, values ``value_length`` digits."""
     num_pairs = list(num_pairs)
+    lengths_ok = all(isinstance(v, int) and v > 0 for v in (key_length, value_length))
+    most = 26 ** key_length if lengths_ok else 0
     check_options(
         "mqar",
-        num_pairs=(_positive_ints(num_pairs) and max(num_pairs) <= 26**3, f"{num_pairs} must be ints in [1, 17576]"),
+        key_length=(isinstance(key_length, int) and key_length > 0, f"{key_length} must be a positive int"),
+        value_length=(isinstance(value_length, int) and value_length > 0, f"{value_length} must be a positive int"),
+        num_pairs=(
+            _positive_ints(num_pairs) and max(num_pairs) <= most,
+            f"{num_pairs} must be ints in [1, {most}] (26 ** key_length distinct keys)",
+        ),
         num_queries=(isinstance(num_queries, int) and num_queries > 0, f"{num_queries} must be a positive int"),
         num_samples=(isinstance(num_samples, int) and num_samples > 0, f"{num_samples} must be a positive int"),
     )
@@ -122,7 +132,8 @@ def mqar(
     sequences, spans, which = [], [], []
     for n in num_pairs:
         for i in range(num_samples):
-            ids, sp = mqar_example(ctx.tokenizer, np.random.default_rng([seed, int(n), i]), int(n), min(num_queries, n))
+            rng = np.random.default_rng([seed, int(n), i])
+            ids, sp = mqar_example(ctx.tokenizer, rng, int(n), min(num_queries, n), key_length, value_length)
             sequences.append(ids)
             spans.append(sp)
             which.append(n)

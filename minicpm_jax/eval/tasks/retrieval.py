@@ -10,8 +10,8 @@ sparse path and long Lightning recurrences. Examples depend only on ``(seed, len
 
 Formats (the answer follows the prompt directly):
 
-- passkey: ``... The pass key is #48213. ... What is the pass key? #`` -> ``48213`` (five distinct
-  digits 1-9 behind a ``#`` that occurs nowhere else: a tiny model learns it in seconds);
+- passkey: ``... The pass key is #48213. ... What is the pass key? #`` -> ``48213`` (``key_length``
+  distinct digits 1-9, default 5, behind a ``#`` that occurs nowhere else);
 - needle: ``... The special magic number for lumen is 730514. ...`` (plus ``num_distractors`` other
   words' numbers) ``... What is the special magic number for lumen? The special magic number for lumen
   is `` -> ``730514``.
@@ -151,9 +151,11 @@ def haystack(tok, rng: np.random.Generator, budget: int, inserts: Sequence[tuple
     return out + filler[last:]
 
 
-def passkey_example(tok, rng: np.random.Generator, length: int, depth: float) -> tuple[list[int], list[int]]:
-    """``(prompt, answer)``: a ``length``-token prompt hiding a 5-digit pass key at ``depth``."""
-    key = "".join(str(d) for d in rng.permutation(np.arange(1, 10))[:5])  # distinct digits
+def passkey_example(
+    tok, rng: np.random.Generator, length: int, depth: float, key_length: int = 5
+) -> tuple[list[int], list[int]]:
+    """``(prompt, answer)``: a ``length``-token prompt hiding a pass key of ``key_length`` distinct digits."""
+    key = "".join(str(d) for d in rng.permutation(np.arange(1, 10))[:key_length])
     needle = _encode(tok, f" The pass key is #{key}.")
     question = _encode(tok, " What is the pass key? #")
     bos = _bos(tok)
@@ -264,10 +266,17 @@ def passkey(
     lengths: Sequence[int] = (256, 512, 1024),
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     num_samples: int = 4,
+    key_length: int = 5,
     seed: int | None = None,
 ) -> TaskResult:
-    """Pass-key retrieval accuracy per (length, depth); ``seed`` defaults to ``ctx.seed``."""
-    return _grid(ctx, "passkey", passkey_example, lengths, depths, num_samples, seed)
+    """Pass-key retrieval accuracy per (length, depth); ``key_length`` digits (1-9, distinct); ``seed``
+    defaults to ``ctx.seed``."""
+    check_options(
+        "passkey",
+        key_length=(isinstance(key_length, int) and 1 <= key_length <= 9, f"{key_length} must be an int in [1, 9]"),
+    )
+    make = functools.partial(passkey_example, key_length=key_length)
+    return _grid(ctx, "passkey", make, lengths, depths, num_samples, seed)
 
 
 @register("needle")

@@ -27,6 +27,9 @@ def _tiny(tmp_path, name="model"):
     return model, load_tokenizer(tmp_path / name)
 
 
+KEY_LENGTH = 1  # one-digit keys: a tiny model learns them in a few hundred steps (5 digits need far more)
+
+
 class PasskeyRows:
     """Training batches of passkey examples (random length and depth, a seed of its own): one example per
     row, right-padded, the loss on the answer digits only."""
@@ -39,7 +42,9 @@ class PasskeyRows:
         mask = np.zeros((self.rows, TRAIN_LEN), np.float32)
         for r in range(self.rows):
             rng = np.random.default_rng([12345, self.count, r])
-            prompt, answer = passkey_example(self.tok, rng, int(rng.integers(56, TRAIN_LEN - 5)), float(rng.random()))
+            prompt, answer = passkey_example(
+                self.tok, rng, int(rng.integers(56, TRAIN_LEN - 5)), float(rng.random()), key_length=KEY_LENGTH
+            )
             ids[r, : len(prompt) + len(answer)] = prompt + answer
             mask[r, len(prompt) - 1 : len(prompt) + len(answer) - 1] = 1.0
         self.count += 1
@@ -78,6 +83,8 @@ def test_options_and_errors(tmp_path):
         run_task("needle", ctx, {"lengths": [2048]})
     with pytest.raises(ValueError, match="length 40: context too short"):
         run_task("passkey", ctx, {"lengths": [40]})
+    with pytest.raises(ValueError, match="key_length: 10"):
+        run_task("passkey", ctx, {"key_length": 10})
     with pytest.raises(ValueError, match="num_distractors"):
         run_task("needle", ctx, {"num_distractors": -1})
     small = {"lengths": [160], "depths": [0.0, 1.0], "num_samples": 2}
@@ -96,13 +103,12 @@ def _shuffled(model, seed=0):
 
 def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
     _, tok = _tiny(tmp_path, "tok")
-    steps, rows = 1500, 16
+    steps, rows = 400, 16
     cfg = load_config(
         "tiny-minicpm4",
         [
             "dtype=float32",
             "model.vocab_size=320",
-            "mesh.fsdp=1",
             f"data.seq_len={TRAIN_LEN}",
             "data.eval_documents=0",
             f"train.steps={steps}",
@@ -119,13 +125,14 @@ def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
     start = time.perf_counter()
     run_training(cfg, source=PasskeyRows(tok, rows))
     print(f"passkey training: {time.perf_counter() - start:.1f} s")
-    model = load_model(tmp_path / "run" / "final", dtype=jnp.float32)
+    _, model = load_model(tmp_path / "run" / "final", dtype=jnp.float32)
     tok = load_tokenizer(tmp_path / "run" / "final")
-    options = {"lengths": [64, 90], "depths": [0.0, 0.5, 1.0], "num_samples": 8, "seed": 7}
+    options = {"lengths": [64, 90], "depths": [0.0, 0.5, 1.0], "num_samples": 8, "seed": 7,
+               "key_length": KEY_LENGTH}
     ctx = EvalContext(model=model, tokenizer=tok, batch_size=16, output_dir=tmp_path / "plots")
     result = run_task("passkey", ctx, options)
     print("trained:", result.metrics)
-    assert result.metrics["acc"] >= 0.9, result.rows
+    assert result.metrics["acc"] == 1.0, result.rows
     assert [(r["length"], r["depth"]) for r in result.rows] == [(n, d) for n in (64, 90) for d in (0.0, 0.5, 1.0)]
     assert set(result.metrics) == {"acc", "acc_len_64", "acc_len_90"}
     assert result.plots == [str(tmp_path / "plots" / "passkey_heatmap.png")]
@@ -133,4 +140,4 @@ def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
     ctx.model, ctx.output_dir = _shuffled(model), None
     shuffled = run_task("passkey", ctx, options)
     print("shuffled:", shuffled.metrics)
-    assert shuffled.metrics["acc"] <= 0.05  # five digits: chance is ~1e-4
+    assert shuffled.metrics["acc"] <= 0.3, shuffled.rows  # chance: 1/9
