@@ -25,7 +25,15 @@ import numpy as np
 
 from minicpm_jax.eval import plots
 from minicpm_jax.eval.registry import EvalContext, TaskResult, register
-from minicpm_jax.eval.tasks.retrieval import _bos, _encode, _positive_ints, check_options, haystack, score_spans
+from minicpm_jax.eval.tasks.retrieval import (
+    _bos,
+    _encode,
+    _positive_ints,
+    check_options,
+    default_lengths,
+    haystack,
+    score_spans,
+)
 
 _LOWER = np.array(list(string.ascii_lowercase))
 _UPPER = np.array(list(string.ascii_uppercase))
@@ -116,7 +124,7 @@ def mqar(
     keys are ``key_length`` lowercase letters, values ``value_length`` digits."""
     num_pairs = list(num_pairs)
     lengths_ok = all(isinstance(v, int) and v > 0 for v in (key_length, value_length))
-    most = 26 ** key_length if lengths_ok else 0
+    most = 26**key_length if lengths_ok else 0
     check_options(
         "mqar",
         key_length=(isinstance(key_length, int) and key_length > 0, f"{key_length} must be a positive int"),
@@ -147,21 +155,23 @@ def mqar(
 def variable_tracking(
     ctx: EvalContext,
     *,
-    lengths: Sequence[int] = (256, 512, 1024),
+    lengths: Sequence[int] | None = None,
     num_chains: int = 2,
     chain_length: int = 4,
     mode: str = "names",
     num_samples: int = 8,
     seed: int | None = None,
 ) -> TaskResult:
-    """Accuracy (exact answer) vs context length."""
-    lengths = list(lengths)
+    """Accuracy (exact answer) vs context length (default: ``retrieval.default_lengths``)."""
     limit = ctx.model.config.max_position_embeddings
+    lengths = default_lengths(limit) if lengths is None else list(lengths)
     check_options(
         "variable_tracking",
         lengths=(_positive_ints(lengths), f"{lengths} must be a non-empty list of positive ints"),
-        max_length=(not _positive_ints(lengths) or max(lengths) < limit,
-                    f"lengths {lengths} must stay below the model's max_position_embeddings {limit}"),
+        max_length=(
+            not _positive_ints(lengths) or max(lengths) < limit,
+            f"lengths {lengths} must stay below the model's max_position_embeddings {limit}",
+        ),
         num_chains=(isinstance(num_chains, int) and num_chains > 0, f"{num_chains} must be a positive int"),
         chain_length=(isinstance(chain_length, int) and chain_length > 0, f"{chain_length} must be a positive int"),
         mode=(mode in ("names", "value"), f"{mode!r} must be 'names' or 'value'"),

@@ -133,7 +133,9 @@ def haystack(tok, rng: np.random.Generator, budget: int, inserts: Sequence[tuple
     boundary nearest ``depth`` of the filler (inserts keep their order); the last sentence is cut to fit."""
     need = budget - sum(len(t) for _, t in inserts)
     if need < 0:
-        raise ValueError(f"context too short: {budget} tokens for filler and needles, the needles alone take {budget - need}")
+        raise ValueError(
+            f"context too short: {budget} tokens for filler and needles, the needles alone take {budget - need}"
+        )
     sentences, total = [], 0
     while total < need:
         s = _encode(tok, " " + FILLER[int(rng.integers(len(FILLER)))])
@@ -200,19 +202,31 @@ def check_options(task: str, **checks: tuple[bool, str]) -> None:
 
 
 def _positive_ints(values) -> bool:
-    return len(values) > 0 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in values)
+    return len(values) > 0 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in values
+    )
+
+
+def default_lengths(limit: int, longest: int = 16384) -> list[int]:
+    """Powers of two from 256 up to ``min(limit - 16, longest)`` (room for the answer); ``[limit - 16]``
+    for models shorter than that."""
+    out = [n for n in (2**k for k in range(8, 31)) if n <= min(limit - 16, longest)]
+    return out or [max(1, limit - 16)]
 
 
 def _grid(ctx, task, make, lengths, depths, num_samples, seed) -> TaskResult:
-    lengths, depths = list(lengths), [float(d) for d in depths]
     limit = ctx.model.config.max_position_embeddings
+    lengths = default_lengths(limit) if lengths is None else list(lengths)
+    depths = [float(d) for d in depths]
     check_options(
         task,
         lengths=(_positive_ints(lengths), f"{lengths} must be a non-empty list of positive ints"),
         depths=(len(depths) > 0 and all(0.0 <= d <= 1.0 for d in depths), f"{depths} must be fractions in [0, 1]"),
         num_samples=(isinstance(num_samples, int) and num_samples > 0, f"{num_samples} must be a positive int"),
-        max_length=(not lengths or max(lengths) < limit, f"lengths {lengths} must stay below the model's "
-                    f"max_position_embeddings {limit} (the answer follows the prompt)"),
+        max_length=(
+            not lengths or max(lengths) < limit,
+            f"lengths {lengths} must stay below the model's max_position_embeddings {limit}",
+        ),
     )
     seed = ctx.seed if seed is None else int(seed)
     cells, sequences, spans = [], [], []
@@ -229,7 +243,9 @@ def _grid(ctx, task, make, lengths, depths, num_samples, seed) -> TaskResult:
                 spans.append([(len(prompt), len(prompt) + len(answer))])
     too_long = max(len(s) for s in sequences)
     if too_long > limit:
-        raise ValueError(f"eval task {task!r}: prompts + answers reach {too_long} tokens > max_position_embeddings {limit}")
+        raise ValueError(
+            f"eval task {task!r}: prompts + answers reach {too_long} tokens > max_position_embeddings {limit}"
+        )
     hits = [r[0] for r in score_spans(ctx, sequences, spans)]
     acc = np.zeros((len(lengths), len(depths)))
     for (length, depth), hit in zip(cells, hits):
@@ -237,8 +253,13 @@ def _grid(ctx, task, make, lengths, depths, num_samples, seed) -> TaskResult:
     sparse = getattr(ctx.model.config, "sparse_config", None)
     dense_len = getattr(sparse, "dense_len", None)
     rows = [
-        {"length": int(length), "depth": depth, "acc": float(acc[a, b]), "num_samples": num_samples,
-         "beyond_dense_len": bool(dense_len is not None and length > dense_len)}
+        {
+            "length": int(length),
+            "depth": depth,
+            "acc": float(acc[a, b]),
+            "num_samples": num_samples,
+            "beyond_dense_len": bool(dense_len is not None and length > dense_len),
+        }
         for a, length in enumerate(lengths)
         for b, depth in enumerate(depths)
     ]
@@ -263,14 +284,14 @@ def _grid(ctx, task, make, lengths, depths, num_samples, seed) -> TaskResult:
 def passkey(
     ctx: EvalContext,
     *,
-    lengths: Sequence[int] = (256, 512, 1024),
+    lengths: Sequence[int] | None = None,
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     num_samples: int = 4,
     key_length: int = 5,
     seed: int | None = None,
 ) -> TaskResult:
-    """Pass-key retrieval accuracy per (length, depth); ``key_length`` digits (1-9, distinct); ``seed``
-    defaults to ``ctx.seed``."""
+    """Pass-key retrieval accuracy per (length, depth); ``key_length`` digits (1-9, distinct); ``lengths``
+    default to ``default_lengths(max_position_embeddings)``; ``seed`` defaults to ``ctx.seed``."""
     check_options(
         "passkey",
         key_length=(isinstance(key_length, int) and 1 <= key_length <= 9, f"{key_length} must be an int in [1, 9]"),
@@ -283,7 +304,7 @@ def passkey(
 def needle(
     ctx: EvalContext,
     *,
-    lengths: Sequence[int] = (256, 512, 1024),
+    lengths: Sequence[int] | None = None,
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     num_samples: int = 4,
     num_distractors: int = 0,
@@ -293,7 +314,8 @@ def needle(
     check_options(
         "needle",
         num_distractors=(
-            isinstance(num_distractors, int) and num_distractors >= 0, f"{num_distractors} must be an int >= 0"
+            isinstance(num_distractors, int) and num_distractors >= 0,
+            f"{num_distractors} must be an int >= 0",
         ),
     )
     make = functools.partial(needle_example, num_distractors=num_distractors)

@@ -1,8 +1,10 @@
 """MQAR / variable tracking: deterministic examples, option errors, curves, and MQAR separating a tiny
 softmax-attention model from a tiny all-Lightning model trained on the same data and budget."""
 
+import itertools
 import os
 import time
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,7 @@ def test_examples_are_deterministic(tmp_path):
     names = tok.decode(answer).split()
     value = tok.decode(prompt).split("assigned the value ")[1].split("?")[0]
     assert f"VAR {names[0]} = {value}." in tok.decode(prompt)
-    assert all(f"VAR {b} = {a}." in tok.decode(prompt) for a, b in zip(names, names[1:]))
+    assert all(f"VAR {b} = {a}." in tok.decode(prompt) for a, b in itertools.pairwise(names))
 
 
 def test_options_errors_and_curves(tmp_path):
@@ -61,8 +63,11 @@ def test_options_errors_and_curves(tmp_path):
     vt = run_task("variable_tracking", ctx, {"lengths": [256, 320], "num_samples": 2, "mode": "value"})
     assert [r["len"] for r in vt.rows] == [256, 320]
     for path in (*result.plots, *vt.plots):
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert [os.path.basename(p) for p in (*result.plots, *vt.plots)] == ["mqar_curve.png", "variable_tracking_curve.png"]
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [os.path.basename(p) for p in (*result.plots, *vt.plots)] == [
+        "mqar_curve.png",
+        "variable_tracking_curve.png",
+    ]
 
 
 PAIRS, SEQ, ROWS = 8, 80, 16  # one-letter keys, one-digit values, every key asked back

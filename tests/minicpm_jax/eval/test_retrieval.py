@@ -10,11 +10,12 @@ import pytest
 from flax import nnx
 
 from minicpm_jax.ckpt import load_model, save_model
-from minicpm_jax.config import load_config
+from minicpm_jax.config import MeshConfig, load_config
 from minicpm_jax.eval.registry import EvalContext, run_task
-from minicpm_jax.eval.tasks.retrieval import needle_example, passkey_example
+from minicpm_jax.eval.tasks.retrieval import default_lengths, needle_example, passkey_example, score_spans
 from minicpm_jax.generate.text import load_tokenizer
 from minicpm_jax.model.factory import create_model
+from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train.loop import run_training
 
 TRAIN_LEN = 96  # rows of the training data; the evaluated lengths stay below it
@@ -127,8 +128,7 @@ def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
     print(f"passkey training: {time.perf_counter() - start:.1f} s")
     _, model = load_model(tmp_path / "run" / "final", dtype=jnp.float32)
     tok = load_tokenizer(tmp_path / "run" / "final")
-    options = {"lengths": [64, 90], "depths": [0.0, 0.5, 1.0], "num_samples": 8, "seed": 7,
-               "key_length": KEY_LENGTH}
+    options = {"lengths": [64, 90], "depths": [0.0, 0.5, 1.0], "num_samples": 8, "seed": 7, "key_length": KEY_LENGTH}
     ctx = EvalContext(model=model, tokenizer=tok, batch_size=16, output_dir=tmp_path / "plots")
     result = run_task("passkey", ctx, options)
     print("trained:", result.metrics)
@@ -141,3 +141,30 @@ def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
     shuffled = run_task("passkey", ctx, options)
     print("shuffled:", shuffled.metrics)
     assert shuffled.metrics["acc"] <= 0.3, shuffled.rows  # chance: 1/9
+
+
+def test_scoring_matches_the_full_forward_on_a_sharded_hybrid_beyond_dense_len(tmp_path):
+    """tiny-sala (InfLLM v2 + Lightning, dense_len 64): padded, batched, sharded scoring agrees with an
+    unpadded forward of each sequence, below and beyond dense_len."""
+    cfg = load_config("tiny-sala", ["model.vocab_size=320"]).model
+    model = create_model(cfg, dtype=jnp.float32)
+    save_model(model, cfg, tmp_path / "m", tokenizer_source="byte")
+    tok = load_tokenizer(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    sequences, spans = [], []
+    for n in (40, 100, 150):
+        seq = rng.integers(3, 259, n).tolist()
+        seq[-1] = int(jnp.argmax(model(jnp.asarray([seq]))[0, -2]))  # the model's own next token
+        seq[10] = int(jnp.argmax(model(jnp.asarray([seq[:10]]))[0, -1]))
+        sequences.append(seq)
+        spans.append([(10, 11), (n - 1, n), (5, 7)])
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    sharded = create_model(cfg, mesh=mesh, dtype=jnp.float32)
+    for m in (model, sharded):
+        hits = score_spans(EvalContext(model=m, tokenizer=tok, batch_size=2), sequences, spans)
+        assert [h[:2] for h in hits] == [[True, True]] * 3
+    opts = {"lengths": [48, 160], "depths": [0.5], "num_samples": 2, "key_length": 1}
+    rows = run_task("passkey", EvalContext(model=sharded, tokenizer=tok, batch_size=4), opts).rows
+    assert [r["beyond_dense_len"] for r in rows] == [False, True]
+    assert default_lengths(cfg.max_position_embeddings) == [256, 512, 1024, 2048]
+    assert default_lengths(200) == [184]
