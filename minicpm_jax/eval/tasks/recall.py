@@ -6,8 +6,9 @@ state that must hold every pair), which is the retrieval signal layer selection 
 (``retrieval.score_spans``); examples depend only on ``(seed, setting, index)``.
 
 - ``mqar``: ``kv abc=41 xyz=07 ... | xyz? 07 abc? 41 ...`` (the format of the synthetic ``kv_recall``
-  documents, with several queries): ``num_pairs`` distinct 3-letter keys with 2-digit values, then
-  ``num_queries`` distinct keys asked back in random order; accuracy (per query) vs number of pairs.
+  documents, with several queries): ``num_pairs`` distinct keys of ``key_length`` letters (default 3)
+  with values of ``value_length`` digits (default 2), then ``num_queries`` distinct keys asked back in
+  random order; accuracy (per query) vs number of pairs.
 - ``variable_tracking`` (RULER-like): ``VAR QWERT = 48213.`` then ``VAR ASDFG = QWERT.`` ... (a chain
   of ``chain_length`` variables, plus ``num_chains - 1`` distractor chains with other values) spread
   over filler text of ``length`` tokens; the question asks which variables hold the first chain's
