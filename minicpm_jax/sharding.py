@@ -102,6 +102,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of ``tree`` (e.g. a model's state) are sharded over, or None (single device)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
 def _as_tuple(rule) -> tuple[str, ...]:
     return (rule,) if isinstance(rule, str) else tuple(rule or ())
 

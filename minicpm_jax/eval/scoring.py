@@ -20,16 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpm_jax.sharding import mesh_of
+
 MIN_BUCKET = 16
 Pair = tuple[Sequence[int], Sequence[int]]
 
-
-def _mesh_of(state):
-    for leaf in jax.tree.leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-    return None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -96,7 +91,7 @@ def loglikelihood(
     cfg = model.config
     check_pairs(pairs, cfg.max_position_embeddings, cfg.vocab_size)
     graphdef, state = nnx.split(model)
-    mesh = _mesh_of(state)
+    mesh = mesh_of(state)
     dp = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     rows = -(-batch_size // dp) * dp
     lengths = [len(c) + len(x) - 1 for c, x in pairs]

@@ -26,7 +26,7 @@ from flax import nnx
 
 from minicpm_jax.generate.sampling import SamplingArrays, SamplingParams, sample, sampling_arrays
 from minicpm_jax.model.cache import ModelCache
-from minicpm_jax.sharding import constrain
+from minicpm_jax.sharding import constrain, mesh_of
 
 PAD_BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompilations)
 GREEDY = SamplingParams(temperature=0.0)
@@ -97,7 +97,7 @@ def generate(
     budgets = _budgets(max_new_tokens, len(prompts))
     max_new_tokens = int(budgets.max())
     graphdef, state = nnx.split(model)
-    mesh = _mesh_of(state)
+    mesh = mesh_of(state)
     batch = len(prompts)
     rows = -(-batch // _data_parallel(mesh)) * _data_parallel(mesh)  # pad the batch to fill the data axes
     lengths, budgets = (np.concatenate([a, np.full(rows - batch, a[0])]) for a in (lengths, budgets))
@@ -209,14 +209,6 @@ def _row_keys(rng, batch: int, rows: int) -> jax.Array:
         raise ValueError(f"rng: expected a seed, one key or {batch} keys, got key array of shape {rng.shape}")
     return jnp.concatenate([keys, jnp.repeat(keys[:1], rows - batch)])
 
-
-def _mesh_of(state):
-    """The mesh the parameters are sharded over, or None (single device)."""
-    for leaf in jax.tree.leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-    return None
 
 
 def _data_parallel(mesh) -> int:

@@ -35,6 +35,7 @@ from flax import nnx
 
 from minicpm_jax.eval import plots
 from minicpm_jax.eval.registry import EvalContext, TaskResult, register
+from minicpm_jax.sharding import mesh_of
 
 FILLER = (
     "The grass is green.",
@@ -61,13 +62,6 @@ def _argmax_at(graphdef, state, ids, gather):
     return jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
 
 
-def _mesh_of(state):
-    for leaf in jax.tree.leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-    return None
-
 
 def score_spans(
     ctx: EvalContext, sequences: Sequence[Sequence[int]], spans: Sequence[Sequence[tuple[int, int]]]
@@ -89,7 +83,7 @@ def score_spans(
     if any(s <= 0 or e <= s or e > len(q) for q, sp in zip(sequences, spans) for s, e in sp):
         raise ValueError("eval: answer spans must satisfy 0 < start < end <= len(sequence)")
     graphdef, state = nnx.split(model)
-    mesh = _mesh_of(state)
+    mesh = mesh_of(state)
     parallel = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     rows = -(-max(1, ctx.batch_size) // parallel) * parallel
     pad = tok.pad_id if tok.pad_id is not None else 0
