@@ -29,9 +29,14 @@ class Frozen:
     arrays: Any
     sharding: Any
 
-    def value(self, arrays=None):
-        """The frozen pytree (modules merged back) from ``arrays`` (default: the held ones)."""
-        return None if self.graphdef is None else nnx.merge(self.graphdef, self.arrays if arrays is None else arrays)
+    def value(self):
+        """The frozen pytree (modules merged back)."""
+        return merge_frozen(self.graphdef, self.arrays)
+
+
+def merge_frozen(graphdef, arrays):
+    """The frozen pytree from its two halves (None without frozen state); also inside the jitted step."""
+    return None if graphdef is None else nnx.merge(graphdef, arrays)
 
 
 def prepare_frozen(frozen, mesh: Mesh) -> Frozen:

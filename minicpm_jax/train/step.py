@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minicpm_jax.model.factory import state_shardings
 from minicpm_jax.train import trainable as tr
+from minicpm_jax.train.frozen import merge_frozen
 
 LossFn = Callable[[nnx.Module, Any, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
 BATCH_AXES = ("data", "fsdp")
@@ -130,19 +131,15 @@ def accumulate_gradients(
         if mesh is not None:
             micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, leaf_batch_sharding(mesh, x)), micro)
         (loss_sum, (weight, aux)), grads = jax.value_and_grad(objective, has_aux=True)(train_params, micro)
-        g_acc, l_acc, w_acc, a_acc = carry
-        parts = aux_parts(aux, weight)
-        a_acc = jax.tree.map(jnp.add, a_acc, parts)
-        return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, w_acc + weight, a_acc), None
+        g_acc, l_acc, w_acc = carry
+        # aux parts leave the scan as per-micro-batch outputs, summed after it
+        return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, w_acc + weight), aux_parts(aux, weight)
 
     # micro-batch m takes rows m, m+M, ...: every micro-batch is spread over all data shards
     micros = jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
-    first = jax.tree.map(lambda x: x[0], micros)
-    _, (_, aux_shape) = jax.eval_shape(objective, train_params, first)
-    zero_aux = aux_parts(jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape), jnp.float32(0))
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
-    init = (zeros, jnp.float32(0), jnp.float32(0), zero_aux)
-    (grads, loss_sum, weight, aux), _ = jax.lax.scan(accumulate, init, micros)
+    (grads, loss_sum, weight), aux = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micros)
+    aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), aux)
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, train_params)
     return grads, loss_sum / weight, weight, aux
@@ -169,7 +166,7 @@ def make_train_step(
 
     def step_fn(state, frozen_arrays, batch):
         train_p, fixed_p = tr.split(state["params"], mask)
-        frozen = None if frozen_def is None else nnx.merge(frozen_def, frozen_arrays)
+        frozen = merge_frozen(frozen_def, frozen_arrays)
         grads, loss, weight, aux = accumulate_gradients(
             graphdef, loss_fn, train_p, fixed_p, frozen, batch, micro_batches, mesh
         )
@@ -210,7 +207,7 @@ def make_eval_step(graphdef: nnx.GraphDef, frozen_def, loss_fn: LossFn, mesh: Me
     """``eval(params, frozen_arrays, batch) -> (loss_sum, weight, aux parts)``."""
 
     def eval_fn(params, frozen_arrays, batch):
-        frozen = None if frozen_def is None else nnx.merge(frozen_def, frozen_arrays)
+        frozen = merge_frozen(frozen_def, frozen_arrays)
         loss_sum, (weight, aux) = loss_fn(nnx.merge(graphdef, params), frozen, batch)
         return loss_sum, weight, aux_parts(aux, weight)
 
