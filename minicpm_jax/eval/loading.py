@@ -7,7 +7,6 @@ give one clear error naming the file (and the line, for JSONL) for a missing fil
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,28 +57,11 @@ def _check_file(path: str | Path, what: str) -> Path:
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...], *, what: str) -> list[dict[str, Any]]:
-    """The objects of a JSONL file (blank lines skipped, ``_line`` added); a line that is not a JSON
-    object or lacks a ``required`` key raises naming the file, the line and the key."""
-    path = _check_file(path, what)
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{what} {path} line {number}: not valid JSON ({e})") from e
-        if not isinstance(record, dict):
-            raise ValueError(f"{what} {path} line {number}: expected a JSON object, got {type(record).__name__}")  # noqa: TRY004
-        missing = [k for k in required if k not in record]
-        if missing:
-            raise ValueError(
-                f"{what} {path} line {number}: missing key(s) {missing} (each line needs {list(required)})"
-            )
-        records.append(record | {"_line": number})
-    if not records:
-        raise ValueError(f"{what} {path}: no records")
-    return records
+    """The objects of a JSONL file (``generate.requests.read_jsonl``), each with the ``required`` keys;
+    a missing file raises ``FileNotFoundError``."""
+    from minicpm_jax.generate.requests import read_jsonl as read_json_lines
+
+    return read_json_lines(_check_file(path, what), what=what, required=required, empty="no records")
 
 
 def read_texts(paths: str | Path | list, text_field: str = "text") -> list[str]:

@@ -35,12 +35,19 @@ class Request:
     max_new_tokens: int
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSONL file (blank lines skipped); errors name the line."""
+def read_jsonl(
+    path: str | Path,
+    *,
+    what: str = "--input",
+    required: tuple[str, ...] = (),
+    empty: str = "no prompts (expected JSON lines with 'prompt' or 'messages')",
+) -> list[dict]:
+    """The JSON objects of a JSONL file (blank lines skipped, ``_line`` added); errors name ``what``,
+    the file and the line (a line that is not an object, or lacks a ``required`` key)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--input {path}: cannot read: {e}") from e
+        raise ValueError(f"{what} {path}: cannot read: {e}") from e
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -48,12 +55,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--input {path} line {number}: not valid JSON ({e})") from e
+            raise ValueError(f"{what} {path} line {number}: not valid JSON ({e})") from e
         if not isinstance(record, dict):
-            raise ValueError(f"--input {path} line {number}: expected a JSON object, got {type(record).__name__}")  # noqa: TRY004
+            raise ValueError(f"{what} {path} line {number}: expected a JSON object, got {type(record).__name__}")  # noqa: TRY004
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ValueError(
+                f"{what} {path} line {number}: missing key(s) {missing} (each line needs {list(required)})"
+            )
         records.append(record | {"_line": number})
     if not records:
-        raise ValueError(f"--input {path}: no prompts (expected JSON lines with 'prompt' or 'messages')")
+        raise ValueError(f"{what} {path}: {empty}")
     return records
 
 
