@@ -17,14 +17,14 @@ from minicpm_jax.config import (
     preset_names,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"  # fixtures copied from shared/data (tests/data/README.md)
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 
 def _official(name):
     path = DATA / name
     if not path.is_file():
-        pytest.fail(f"reference file {path} is missing (expected ../shared/data beside the repo)")
+        pytest.fail(f"reference file {path} is missing (tests/data is part of the repository)")
     return json.loads(path.read_text())
 
 

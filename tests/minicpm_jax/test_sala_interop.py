@@ -13,7 +13,7 @@ from minicpm_jax.interop import load_hf_checkpoint, save_hf_checkpoint
 from minicpm_jax.interop.layout import layout, param_variables
 from minicpm_jax.model import abstract_model, create_model, param_count
 
-OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "minicpm-sala-9b.config.json"
+OFFICIAL = Path(__file__).resolve().parents[1] / "data" / "minicpm-sala-9b.config.json"
 SPARSE = ("q_proj", "k_proj", "v_proj", "o_proj", "o_gate")  # spec/sala.md 1.9
 LIGHTNING = ("q_proj", "k_proj", "v_proj", "o_proj", "z_proj", "q_norm", "k_norm", "o_norm")
 COMMON = ("input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
