@@ -274,6 +274,34 @@ def _recipe_path(value: str, base: Path) -> str:
 def cmd_eval(args) -> None:
     import jax.numpy as jnp
 
+    if args.lm_eval:  # lm-evaluation-harness tasks through the minicpm-jax backend
+        if args.config or args.tasks or args.overrides:
+            raise ValueError("eval --lm-eval runs harness tasks alone: drop --config, --tasks and overrides")
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--lm-eval needs lm-evaluation-harness: pip install 'minicpm-jax[eval]' (or 'lm-eval==0.4.13')"
+            ) from None
+        from lm_eval.utils import make_table
+
+        from minicpm_jax.eval.harness import run_harness
+
+        output = Path(args.output or "outputs/eval")
+        tasks = [t for t in args.lm_eval.split(",") if t]
+        results = run_harness(
+            args.checkpoint,
+            tasks,
+            output,
+            include_path=args.lm_eval_include_path,
+            tokenizer=args.tokenizer,
+            batch_size=args.batch_size or 8,
+            limit=args.limit,
+        )
+        console.print(make_table(results), highlight=False, markup=False)
+        console.print(f"report -> {output / 'lm_eval.json'}, {output / 'lm_eval.md'}")
+        return
+
     from minicpm_jax.eval import evaluate
     from minicpm_jax.eval.loading import load_model_and_tokenizer
     from minicpm_jax.eval.report import write_report
@@ -378,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="report directory (default: the recipe's output_dir, else outputs/eval)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's; byte-level for a preset)")
     p.add_argument("--batch-size", type=int, help="requests per batch (default: the recipe's, else 8)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs [eval])")
+    p.add_argument("--lm-eval-include-path", metavar="DIR", help="folder of extra harness task YAML files")
+    p.add_argument("--limit", type=int, help="--lm-eval: at most N documents per task")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")

@@ -16,5 +16,9 @@ try:
     from minicpm_jax.eval.tasks import recall  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
+try:  # the lm-evaluation-harness backend "minicpm-jax" (when lm-eval is installed)
+    from minicpm_jax.eval import harness  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
 
 __all__ = ["TASKS", "EvalContext", "TaskResult", "evaluate", "register", "run_task"]
