@@ -15,9 +15,9 @@ from minicpm_jax.model import create_model
 
 lm_eval = pytest.importorskip("lm_eval", reason="install the test extra: pip install -e '.[test]'")
 harness = pytest.importorskip("minicpm_jax.eval.harness")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.registry import get_model  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "minicpm4-tokenizer"
 MAX_LENGTH = 48  # small, so that the long question is left-truncated and the rolling text has windows
