@@ -23,6 +23,16 @@ def byte_tokenizer():
         return load_tokenizer(tmp)
 
 
+def data_tokenizer(source: str | None):
+    """The tokenizer of a run's ``data.tokenizer`` (a ``tokenizer.json`` file or its directory; None:
+    byte-level) as evaluation tasks take it."""
+    from minicpm_jax.generate.text import load_tokenizer
+
+    if source is None:
+        return byte_tokenizer()
+    return load_tokenizer(source if Path(source).is_dir() else Path(source).parent)
+
+
 def load_model_and_tokenizer(
     source: str | Path,
     *,
@@ -47,6 +57,23 @@ def load_model_and_tokenizer(
     cfg, model = load_any(source, mesh=mesh, dtype=dtype, param_dtype=param_dtype, seed=seed)
     check_vocab(tok, cfg.vocab_size, where=f"tokenizer of {tokenizer or source} (--tokenizer DIR)")
     return cfg, model, tok
+
+
+def resolve_task_paths(options: dict, base: Path) -> dict:
+    """``options`` with relative ``path`` / ``paths`` entries resolved beside a recipe in ``base``
+    (when the file exists there; else left as given, relative to the working directory)."""
+
+    def one(value: str) -> str:
+        path = Path(value)
+        return str(base / path) if not path.is_absolute() and (base / path).exists() else value
+
+    out = dict(options or {})
+    for key in ("path", "paths"):
+        if isinstance(out.get(key), str):
+            out[key] = one(out[key])
+        elif isinstance(out.get(key), (list, tuple)):
+            out[key] = [one(v) for v in out[key]]
+    return out
 
 
 def _check_file(path: str | Path, what: str) -> Path:

@@ -95,3 +95,25 @@ def curves(
     if len(series) > 1 or any(series):
         ax.legend()
     return _save(fig, path)
+
+
+def bars(
+    path: str | Path,
+    labels: Sequence,
+    values: Sequence[float],
+    *,
+    highlight: Sequence[bool] = (),
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+) -> str:
+    """A bar per label (e.g. a score per layer); ``highlight``ed bars are drawn in a second colour."""
+    if len(labels) != len(values):
+        raise ValueError(f"bars: {len(labels)} labels vs {len(values)} values")
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(labels), 3.5))
+    marked = list(highlight) or [False] * len(labels)
+    ax.bar([str(x) for x in labels], list(values), color=["tab:orange" if m else "tab:blue" for m in marked])
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -48,11 +48,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
     def __call__(self, x, positions, segment_ids, cache=None, valid=None):
-        """``(x, cache)``: the layer output and the mixer's updated cache (None without one)."""
-        h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, valid)
+        """``(x, cache, (u, h))``: the layer output, the mixer's updated cache (None without one), and
+        the mixer's input ``u = input_layernorm(x)`` and output ``h`` (what conversion aligns)."""
+        u = self.input_layernorm(x)
+        h, cache = self.self_attn(u, positions, segment_ids, cache, valid)
         x = x + h * self.residual_scale
         x = x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
-        return constrain(x, ("batch", "act_seq", "act_embed")), cache
+        return constrain(x, ("batch", "act_seq", "act_embed")), cache, (u, h)
 
 
 class MiniCPMModel(nnx.Module):
@@ -114,7 +116,8 @@ class MiniCPMForCausalLM(nnx.Module):
         )
 
     def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none", valid=None):
-        """Final-norm hidden states and the updated per-layer caches (``caches``: None or one per layer)."""
+        """Final-norm hidden states, the updated per-layer caches (``caches``: None or one per layer)
+        and each layer's mixer ``(input, output)`` (unused outputs cost nothing under ``jit``)."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -126,11 +129,12 @@ class MiniCPMForCausalLM(nnx.Module):
 
         if remat != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[remat])
-        new = []
+        new, mixer_io = [], []
         for layer, cache in zip(self.model.layers, caches or [None] * len(self.model.layers)):
-            x, cache = run(layer, x, cache)
+            x, cache, io = run(layer, x, cache)
             new.append(cache)
-        return self.model.norm(x), tuple(new)
+            mixer_io.append(io)
+        return self.model.norm(x), tuple(new), mixer_io
 
     def hidden_states(
         self,
@@ -145,6 +149,12 @@ class MiniCPMForCausalLM(nnx.Module):
         ``remat``: ``"none"``, ``"dots_saveable"`` or ``"full"`` rematerialisation of each layer.
         """
         return self._run(input_ids, positions, segment_ids, None, remat)[0]
+
+    def mixer_io(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> list[tuple[jax.Array, jax.Array]]:
+        """Per layer, the mixer's input (``input_layernorm`` output) and output ``[B, T, H]`` each."""
+        return self._run(input_ids, positions, segment_ids, None)[2]
 
     def logits(self, h: jax.Array) -> jax.Array:
         """fp32 logits of final hidden states: ``lm_head(h / (hidden/dim_model_base))``."""
@@ -174,7 +184,7 @@ class MiniCPMForCausalLM(nnx.Module):
         if t > 1 and any(isinstance(c, DecodeCache) for c in cache.layers):
             check_prefill(cache.length)
         positions = cache.length[:, None] + jnp.arange(t)[None, :]
-        h, layers = self._run(input_ids, positions, None, cache.layers, valid=valid)
+        h, layers, _ = self._run(input_ids, positions, None, cache.layers, valid=valid)
         return h, constrain_cache(ModelCache(cache.length + (t if valid is None else valid), layers))
 
     def step(

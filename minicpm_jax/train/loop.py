@@ -200,26 +200,17 @@ def _evaluations(run: Run, step: int) -> dict[str, float]:
     results = evaluate(run.trainer, run.eval_batches) if run.eval_batches else {}
     if run.cfg.train.eval_tasks:
         from minicpm_jax.eval import evaluate as evaluate_tasks
+        from minicpm_jax.eval.loading import data_tokenizer
 
         tasks = evaluate_tasks(
             run.trainer.model(),
             run.cfg.train.eval_tasks,
-            tokenizer=_eval_tokenizer(run.cfg.data.tokenizer),
+            tokenizer=data_tokenizer(run.cfg.data.tokenizer),
             seed=run.cfg.seed,
             output_dir=run.out / "eval" / f"step-{step}",
         )
         results.update({f"eval/{label}/{k}": v for label, r in tasks.items() for k, v in r["metrics"].items()})
     return results
-
-
-def _eval_tokenizer(source: str | None):
-    """The run's tokenizer as evaluation tasks take it (byte-level when ``data.tokenizer`` is None)."""
-    from minicpm_jax.eval.loading import byte_tokenizer
-    from minicpm_jax.generate.text import load_tokenizer
-
-    if source is None:
-        return byte_tokenizer()
-    return load_tokenizer(source if Path(source).is_dir() else Path(source).parent)
 
 
 @contextlib.contextmanager

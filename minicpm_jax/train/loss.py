@@ -55,3 +55,29 @@ def next_token_loss(
     hidden = model.hidden_states(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), remat=remat)
     loss_sum, weight = chunked_cross_entropy(model, hidden, batch["targets"], batch["loss_mask"], chunk_size)
     return loss_sum, (weight, {})
+
+
+def chunked_kl(
+    student: MiniCPMForCausalLM,
+    h_student: jax.Array,
+    teacher: MiniCPMForCausalLM,
+    h_teacher: jax.Array,
+    mask: jax.Array,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum over masked tokens of KL(teacher || student), sum of mask)`` on full-vocabulary fp32
+    log-softmax, from both models' final hidden states, ``chunk_size`` tokens of logits at a time."""
+    mask = mask.astype(jnp.float32)
+
+    @jax.checkpoint
+    def chunk_kl(hs, ht, m):
+        log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher.logits(ht)), axis=-1)
+        log_q = jax.nn.log_softmax(student.logits(hs), axis=-1)
+        return jnp.sum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * m)
+
+    def body(total, xs):
+        return total + chunk_kl(*xs), None
+
+    xs = tuple(token_chunks(a, chunk_size) for a in (h_student, h_teacher, mask))
+    total, _ = jax.lax.scan(body, jnp.float32(0), xs)
+    return total, jnp.sum(mask)
