@@ -83,7 +83,7 @@ def load_model(
     directory = Path(directory).resolve()
     if not is_native_checkpoint(directory):
         raise FileNotFoundError(f"{directory}: not a minicpm_jax checkpoint (needs {CONFIG_NAME} and params/)")
-    cfg = build_model_config(yaml.safe_load((directory / CONFIG_NAME).read_text()), str(directory / CONFIG_NAME))
+    cfg = config_of(directory)
     graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **impls))
     if mesh is not None:
         shardings = nnx.to_pure_dict(state_shardings(state, mesh))
@@ -95,6 +95,18 @@ def load_model(
     restored = ocp.StandardCheckpointer().restore(directory / "params", target)
     nnx.replace_by_pure_dict(state, restored)
     return cfg, nnx.merge(graphdef, state)
+
+
+def config_of(source: str | Path) -> ModelConfig:
+    """The model config of a native checkpoint, a Hugging Face directory or a preset, without weights."""
+    path = Path(source)
+    if is_native_checkpoint(path):
+        return build_model_config(yaml.safe_load((path / CONFIG_NAME).read_text()), str(path / CONFIG_NAME))
+    if (path / "config.json").is_file():
+        from minicpm_jax.interop.formats import import_config
+
+        return import_config(json.loads((path / "config.json").read_text()))[0]
+    return load_config(str(source)).model
 
 
 def load_any(

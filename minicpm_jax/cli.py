@@ -81,26 +81,39 @@ def cmd_info(args) -> None:
         _print_train_plan(cfg, args)
 
 
-def _print_train_plan(cfg, args) -> None:
+def _plan_meshes(args):
     from minicpm_jax.config import MeshConfig
-    from minicpm_jax.info import human_bytes
-    from minicpm_jax.train.plan import plan_train_memory
 
     meshes = [
         MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
         for spec in args.plan_meshes.split(";")
     ]
+    return meshes, [int(b) for b in args.plan_batch_sizes.split(",")]
+
+
+def _print_train_plan(cfg, args) -> None:
+    from minicpm_jax.train.plan import plan_train_memory
+
+    meshes, batch_sizes = _plan_meshes(args)
+    rows = [("", row) for row in plan_train_memory(cfg, meshes, batch_sizes, args.plan_seq_len)]
+    _print_plan_rows(f"remat={cfg.train.remat}, micro_batches={cfg.train.micro_batches}, compute {cfg.dtype}", rows)
+
+
+def _print_plan_rows(what: str, rows) -> None:
+    """A table of ``(label, train.plan.PlanRow)`` rows (the label column only when labels are given)."""
+    from minicpm_jax.info import human_bytes
+
     table = Table(
-        title=f"train step memory per device (XLA memory_analysis; resident = params + optimizer + "
-        f"batch, temp = activations + scratch; remat={cfg.train.remat}, micro_batches="
-        f"{cfg.train.micro_batches}, compute {cfg.dtype})"
+        title="train step memory per device (XLA memory_analysis; resident = params + optimizer + "
+        f"batch + frozen models, temp = activations + scratch; {what})"
     )
-    for col in ("mesh", "batch x seq", "resident", "temp", "total", "compile s"):
+    labelled = any(label for label, _ in rows)
+    for col in ("stage",) * labelled + ("mesh", "batch x seq", "resident", "temp", "total", "compile s"):
         table.add_column(col, justify="right", no_wrap=True)
-    batch_sizes = [int(b) for b in args.plan_batch_sizes.split(",")]
-    for row in plan_train_memory(cfg, meshes, batch_sizes, args.plan_seq_len):
+    for label, row in rows:
         mesh = ",".join(f"{k}={v}" for k, v in row.mesh.items() if v > 1) or "1 device"
         table.add_row(
+            *(label,) * labelled,
             mesh,
             f"{row.batch_size} x {row.seq_len}",
             human_bytes(row.argument_bytes),
@@ -171,6 +184,24 @@ def cmd_train(args) -> None:
     )
     summary = run_training(cfg, console=console)
     console.print(f"done: {summary}")
+
+
+def cmd_convert(args) -> None:
+    from minicpm_jax.convert import load_convert_recipe, run_conversion
+
+    recipe = load_convert_recipe(args.config, args.overrides)
+    console.rule("resolved conversion recipe")
+    console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
+    if args.plan:
+        from minicpm_jax.convert.plan import plan_conversion
+
+        meshes, batch_sizes = _plan_meshes(args)
+        _print_plan_rows(
+            f"compute {recipe.dtype}, teacher {recipe.teacher}", plan_conversion(recipe, meshes, batch_sizes)
+        )
+        return
+    summary = run_conversion(recipe, console)
+    console.print(f"done: final hybrid {summary['final']}; mixer_types {summary['mixer_types']}")
 
 
 def cmd_generate(args) -> None:
@@ -360,6 +391,13 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.output), args.overrides, console)
 
 
+def _add_plan_arguments(p) -> None:
+    p.add_argument(
+        "--plan-meshes", default="fsdp=8;fsdp=4,tensor=2;data=2,fsdp=4", help="meshes of a memory plan, ';'-separated"
+    )
+    p.add_argument("--plan-batch-sizes", default="8,16", help="global batch sizes of a memory plan")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpm-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -371,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain from a recipe (configs/recipes/*.yaml), resuming if possible")
     p.add_argument("--config", required=True, help="recipe YAML")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="convert a dense checkpoint into a hybrid (configs/recipes/convert-*.yaml)")
+    p.add_argument("--config", required=True, help="conversion recipe YAML")
+    p.add_argument(
+        "--plan", action="store_true", help="compile every stage's train step from abstract shapes; print memory"
+    )
+    _add_plan_arguments(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="complete prompts with a checkpoint (its tokenizer and chat template)")
     p.add_argument("--checkpoint", required=True, help="minicpm_jax checkpoint or Hugging Face directory")
@@ -420,10 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the train step from abstract shapes and print per-device memory (needs the "
         "devices: on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8)",
     )
-    p.add_argument(
-        "--plan-meshes", default="fsdp=8;fsdp=4,tensor=2;data=2,fsdp=4", help="meshes for --train-plan, ';'-separated"
-    )
-    p.add_argument("--plan-batch-sizes", default="8,16", help="global batch sizes for --train-plan")
+    _add_plan_arguments(p)
     p.add_argument("--plan-seq-len", type=int, default=4096)
     p.set_defaults(func=cmd_info)
 

@@ -40,6 +40,36 @@ def lightning_patterns(cfg) -> list[str]:
     return [f"model.layers.{i}.self_attn" for i, kind in enumerate(cfg.layer_mixers) if kind == LIGHTNING]
 
 
+def stage_trainable(stage: StageConfig, model_cfg) -> tuple[str, list[str]]:
+    """``(label, patterns)`` of a stage's trainable filter (default: lm -> all, else the Lightning mixers)."""
+    trainable = stage.trainable or ("all" if stage.loss == "lm" else "lightning")
+    if stage.loss == "align" and trainable != "lightning":
+        raise ValueError(f"stages.{stage.name}: an align stage trains the Lightning mixers only (trainable: lightning)")
+    if isinstance(trainable, str):
+        return trainable, lightning_patterns(model_cfg) if trainable == "lightning" else []
+    return ",".join(trainable), list(trainable)
+
+
+def stage_loss(stage: StageConfig, cfg):
+    """The engine loss of a stage."""
+    from minicpm_jax.train.loop import pretrain_loss
+
+    if stage.loss == "align":
+        return alignment_loss
+    if stage.loss == "kl":
+        return functools.partial(kl_loss, remat=cfg.train.remat, chunk_size=cfg.train.loss_chunk_size)
+    return pretrain_loss(cfg)
+
+
+def with_sparse(cfg, sparse: bool | None, sparse_config):
+    """``cfg`` with InfLLM v2 switched on (``sparse_config``) or off; ``sparse=None`` leaves it."""
+    if sparse is None or sparse == (cfg.sparse_config is not None):
+        return cfg
+    if sparse and sparse_config is None:
+        raise ValueError("a stage has sparse: true, but neither the teacher nor the recipe has a sparse_config")
+    return cfg.model_copy(update={"sparse_config": sparse_config if sparse else None})
+
+
 class Conversion:
     """One conversion run (see the module docstring); ``run()`` returns the summary."""
 
@@ -73,13 +103,10 @@ class Conversion:
 
     def _load(self, directory: Path, sparse: bool | None = None):
         """A checkpoint as the stage's model; ``sparse`` switches InfLLM v2 on/off (no parameters change)."""
-        cfg, model = load_any(directory, mesh=self.mesh, dtype=self.dtype, param_dtype=self.param_dtype)
-        if sparse is None or sparse == (cfg.sparse_config is not None):
+        loaded, model = load_any(directory, mesh=self.mesh, dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg = with_sparse(loaded, sparse, self.recipe.sparse_config or self.teacher_cfg.sparse_config)
+        if cfg == loaded:
             return cfg, model
-        sparse_config = self.recipe.sparse_config or self.teacher_cfg.sparse_config
-        if sparse and sparse_config is None:
-            raise ValueError("a stage has sparse: true, but neither the teacher nor the recipe has a sparse_config")
-        cfg = cfg.model_copy(update={"sparse_config": sparse_config if sparse else None})
         new = create_model(cfg, mesh=self.mesh, dtype=self.dtype, param_dtype=self.param_dtype)
         nnx.update(new, nnx.state(model, nnx.Param))
         return cfg, new
@@ -96,37 +123,28 @@ class Conversion:
             self.initial_types,
             nope=cv.nope,
             output_gate=cv.output_gate,
+            overrides=cv.model,
             seed=self.recipe.seed,
             param_dtype=self.param_dtype,
         )
         return save_model(model, cfg, target, tokenizer_source=self.tokenizer_source)
 
     def train_stage(self, index: int, stage: StageConfig, previous: Path) -> tuple[Path, dict]:
-        from minicpm_jax.train.loop import pretrain_loss, run_training
+        from minicpm_jax.train.loop import run_training
 
         stage_dir = self.out / f"stage-{index}-{stage.name}"
         if is_native_checkpoint(stage_dir / "final") and (stage_dir / "summary.json").is_file():
             self.console.print(f"[bold]stage {index}[/] {stage.name}: done ({stage_dir / 'final'})")
             return stage_dir / "final", json.loads((stage_dir / "summary.json").read_text())
         model_cfg, model = self._load(previous, stage.sparse)
-        trainable = stage.trainable or ("all" if stage.loss == "lm" else "lightning")
-        patterns = {"lightning": lightning_patterns(model_cfg), "all": []}.get(trainable, trainable)
-        if stage.loss == "align" and trainable != "lightning":
-            raise ValueError(
-                f"stages.{stage.name}: an align stage trains the Lightning mixers only (trainable: lightning)"
-            )
+        label, patterns = stage_trainable(stage, model_cfg)
         frozen = {} if stage.loss == "lm" else {"teacher": self.recipe.teacher}
         cfg = stage_config(
-            self.recipe, stage, model_cfg.model_dump(mode="json"), stage_dir, frozen=frozen, trainable=list(patterns)
+            self.recipe, stage, model_cfg.model_dump(mode="json"), stage_dir, frozen=frozen, trainable=patterns
         )
-        loss_fn = {
-            "align": alignment_loss,
-            "kl": functools.partial(kl_loss, remat=cfg.train.remat, chunk_size=cfg.train.loss_chunk_size),
-            "lm": pretrain_loss(cfg),
-        }[stage.loss]
+        loss_fn = stage_loss(stage, cfg)
         self.console.print(
-            f"[bold]stage {index}[/] {stage.name}: loss {stage.loss}, {cfg.train.steps} steps, "
-            f"trainable {trainable if isinstance(trainable, str) else list(trainable)}, "
+            f"[bold]stage {index}[/] {stage.name}: loss {stage.loss}, {cfg.train.steps} steps, trainable {label}, "
             f"sparse {'on' if model_cfg.sparse_config else 'off'}, seq_len {cfg.data.seq_len}"
         )
         summary = run_training(
@@ -169,6 +187,7 @@ class Conversion:
             selection["mixer_types"],
             nope=cv.nope,
             output_gate=cv.output_gate,
+            overrides=cv.model,
             seed=self.recipe.seed,
             param_dtype=self.param_dtype,
         )

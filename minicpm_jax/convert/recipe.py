@@ -40,6 +40,7 @@ class ConvertConfig(_Strict):
     nope: StrictBool = True  # retained softmax layers drop RoPE
     output_gate: StrictBool = True  # retained softmax layers gain o_gate
     selection: SelectionConfig = SelectionConfig()
+    model: dict[str, Any] = {}  # hybrid config fields without parameters (max_position_embeddings, rope_scaling...)
     export_hf: StrictBool = True  # write the final hybrid as a Hugging Face checkpoint (SALA layout)
 
 

@@ -47,13 +47,16 @@ def check_mixer_types(cfg: ModelConfig, mixer_types) -> tuple[str, ...]:
     return mixer_types
 
 
-def hybrid_config(teacher: ModelConfig, mixer_types, *, nope: bool = True, output_gate: bool = True) -> ModelConfig:
+def hybrid_config(
+    teacher: ModelConfig, mixer_types, *, nope: bool = True, output_gate: bool = True, overrides: dict | None = None
+) -> ModelConfig:
     """The hybrid's config: the teacher's, with ``mixer_types`` and SALA's Lightning layer (full MHA
-    at the teacher's head count and head dim, QK-norm, ``o_norm``, ``z_proj`` gate, RoPE)."""
+    at the teacher's head count and head dim, QK-norm, ``o_norm``, ``z_proj`` gate, RoPE), then
+    ``overrides`` (fields without parameters, e.g. ``max_position_embeddings``, ``rope_scaling``)."""
     check_teacher(teacher)
     mixer_types = check_mixer_types(teacher, mixer_types)
     nh, hd = teacher.num_attention_heads, teacher.attn_head_dim
-    return teacher.model_copy(
+    cfg = teacher.model_copy(
         update=dict(
             model_type="minicpm_sala",
             mixer_types=mixer_types,
@@ -69,6 +72,11 @@ def hybrid_config(teacher: ModelConfig, mixer_types, *, nope: bool = True, outpu
             use_output_norm=True,
         )
     )
+    if overrides:
+        from minicpm_jax.config.loading import build_model_config
+
+        return build_model_config({**cfg.model_dump(mode="json"), **overrides}, "convert.model")
+    return cfg
 
 
 def expand_kv(kernel: jax.Array, heads: int) -> jax.Array:
@@ -82,13 +90,15 @@ def transfer(
     *,
     nope: bool = True,
     output_gate: bool = True,
+    overrides: dict | None = None,
     seed: int = 0,
     param_dtype=jnp.float32,
     dtype=None,
 ) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """``(hybrid config, hybrid model)`` with the teacher's weights transferred; placed on the
-    teacher's mesh (if sharded). ``seed`` draws the fresh ``z_proj`` / ``o_gate`` weights."""
-    cfg = hybrid_config(teacher.config, mixer_types, nope=nope, output_gate=output_gate)
+    teacher's mesh (if sharded). ``seed`` draws the fresh ``z_proj`` / ``o_gate`` weights;
+    ``overrides``: see ``hybrid_config``."""
+    cfg = hybrid_config(teacher.config, mixer_types, nope=nope, output_gate=output_gate, overrides=overrides)
     hybrid = create_model(
         cfg, mesh=mesh_of(nnx.state(teacher)), seed=seed, dtype=dtype or teacher.dtype, param_dtype=param_dtype
     )

@@ -40,7 +40,8 @@ def merge_frozen(graphdef, arrays):
 
 
 def prepare_frozen(frozen, mesh: Mesh) -> Frozen:
-    """Split ``frozen`` (None, or a pytree of modules / arrays) and place its arrays on ``mesh``."""
+    """Split ``frozen`` (None, or a pytree of modules / arrays) and place its arrays on ``mesh``
+    (``ShapeDtypeStruct`` leaves of an abstract model get their sharding and stay abstract)."""
     if frozen is None:
         return Frozen(None, {}, {})
     graphdef, state = nnx.split(frozen)
@@ -54,8 +55,12 @@ def prepare_frozen(frozen, mesh: Mesh) -> Frozen:
         return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
 
     shardings = nnx.to_pure_dict(jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    arrays = nnx.to_pure_dict(state)
-    arrays = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), arrays, shardings)
+    def place(x, s):  # abstract leaves (memory plans) stay abstract
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.device_put(jnp.asarray(x), s)
+
+    arrays = jax.tree.map(place, nnx.to_pure_dict(state), shardings)
     return Frozen(graphdef, arrays, shardings)
 
 

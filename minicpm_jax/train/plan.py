@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minicpm_jax.config.schema import Config, MeshConfig
+from minicpm_jax.config.schema import Config, MeshConfig, ModelConfig
 from minicpm_jax.model.factory import abstract_model
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train import trainable as tr
@@ -36,17 +36,29 @@ class PlanRow:
 
 
 def plan_train_memory(
-    cfg: Config, meshes: Sequence[MeshConfig], batch_sizes: Sequence[int], seq_len: int
+    cfg: Config,
+    meshes: Sequence[MeshConfig],
+    batch_sizes: Sequence[int],
+    seq_len: int,
+    *,
+    loss_fn=None,
+    frozen_models: dict[str, ModelConfig] | None = None,
+    trainable=None,
 ) -> list[PlanRow]:
-    """One row per (mesh, global batch size): XLA's per-device memory of the compiled train step."""
+    """One row per (mesh, global batch size): XLA's per-device memory of the compiled train step.
+
+    ``loss_fn`` (default the LM loss), ``frozen_models`` (name -> config of an abstract frozen model
+    in the compute dtype, e.g. a conversion's teacher) and ``trainable`` as the engine takes them."""
     rows = []
-    model = abstract_model(cfg.model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    dtype = jnp.dtype(cfg.dtype)
+    model = abstract_model(cfg.model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     graphdef, params_state = nnx.split(model, nnx.Param)
     for mesh_cfg in meshes:
         mesh = make_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])
-        frozen = prepare_frozen(None, mesh)
+        teachers = {name: abstract_model(c, dtype=dtype, param_dtype=dtype) for name, c in (frozen_models or {}).items()}
+        frozen = prepare_frozen(teachers or None, mesh)
         optimizer, _, sharding, mask, step = build_train_step(
-            cfg, mesh, pretrain_loss(cfg), graphdef, params_state, frozen
+            cfg, mesh, loss_fn or pretrain_loss(cfg), graphdef, params_state, frozen, trainable
         )
         params = jax.eval_shape(lambda: nnx.to_pure_dict(params_state))
         state = {
