@@ -144,3 +144,17 @@ def test_bad_recipes_fail_with_one_clear_error(tmp_path, capsys, teacher, overri
     err = " ".join(capsys.readouterr().out.split())
     assert "error:" in err and message in err, err
     assert not (tmp_path / "run" / "stage-0-transfer").exists()
+
+
+def test_plan_compiles_every_stage_with_the_teacher_as_frozen_state(tmp_path):
+    from minicpm_jax.config import MeshConfig
+    from minicpm_jax.convert import load_convert_recipe
+    from minicpm_jax.convert.plan import plan_conversion
+
+    recipe = load_convert_recipe(_recipe(tmp_path, str(_teacher(tmp_path))))
+    rows = plan_conversion(recipe, [MeshConfig(fsdp=4, tensor=2)], [8])
+    assert [label for label, _ in rows] == ["1-align (align)", "2-distill (kl)", "3-continual (lm)"]
+    resident = {label.split()[0]: row.argument_bytes for label, row in rows}
+    assert all(row.temp_bytes > 0 and row.seq_len == s for (_, row), s in zip(rows, (32, 32, 80)))
+    # the LM stage has no teacher but trains everything (optimizer moments for all parameters)
+    assert resident["3-continual"] > resident["1-align"] and not (tmp_path / "run").exists()
