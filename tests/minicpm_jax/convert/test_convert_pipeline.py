@@ -36,16 +36,7 @@ def _recipe(tmp_path: Path, teacher: str, **convert) -> Path:
         "data": {"source": "synthetic", "seq_len": 32, "synthetic_documents": 400, "eval_documents": 8},
         "optimizer": {"learning_rate": 0.01, "schedule": "constant"},
         "train": {"global_batch_size": 4, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1},
-        "sparse_config": {
-            "kernel_size": 8,
-            "kernel_stride": 4,
-            "init_blocks": 1,
-            "block_size": 16,
-            "window_size": 32,
-            "topk": 4,
-            "use_nope": False,
-            "dense_len": 64,
-        },
+        "sparse_config": load_config("tiny-sala").model.sparse_config.model_dump(),  # dense_len 64
         "convert": {
             "softmax_ratio": 0.75,
             "selection": {
