@@ -32,8 +32,8 @@ GREEDY_NOOPS = ("temperature", "top_p", "top_k")  # sampling knobs, without effe
 class MiniCPMLM(TemplateLM):
     """``checkpoint``: native checkpoint, Hugging Face directory or preset (or pass ``model`` and a loaded
     ``tokenizer``); ``tokenizer``: a directory; ``max_length``: tokens the model reads per request
-    (default: ``max_position_embeddings``). ``device``/``max_batch_size`` (passed by lm-eval) are ignored:
-    JAX uses its default devices."""
+    (default: ``max_position_embeddings``); ``dtype``: compute dtype of a loaded checkpoint.
+    ``device``/``max_batch_size`` (passed by lm-eval) are ignored: JAX uses its default devices."""
 
     def __init__(
         self,
@@ -55,14 +55,16 @@ class MiniCPMLM(TemplateLM):
             raise ValueError(f"minicpm-jax: unknown model_args {sorted(unknown)} (accepted: {accepted})")
         if (checkpoint is None) == (model is None):
             raise ValueError("minicpm-jax: give model_args checkpoint=DIR (or model= and tokenizer= in Python)")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"minicpm-jax: batch_size={batch_size!r} (accepted: an integer >= 1; no 'auto')")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"minicpm-jax: dtype={dtype!r} (accepted: float32, bfloat16)")
         if model is None:
             from minicpm_jax.eval.loading import load_model_and_tokenizer
 
             _, model, tokenizer = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
         elif tokenizer is None or isinstance(tokenizer, (str, Path)):
             raise ValueError("minicpm-jax: with model=, pass tokenizer= a loaded minicpm_jax Tokenizer")
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"minicpm-jax: batch_size={batch_size!r} (accepted: an integer >= 1; no 'auto')")
         context = model.config.max_position_embeddings
         self.max_length = int(max_length or context)
         if not 2 <= self.max_length <= context:

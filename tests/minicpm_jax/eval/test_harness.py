@@ -154,6 +154,8 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch):
         factory.create_from_arg_string(f"checkpoint={tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="no 'auto'"):
         ours(setup, batch_size="auto")
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        factory.create_from_arg_string("checkpoint=tiny-minicpm4,dtype=fp8")
     assert cli.main(["eval", "--checkpoint", "x", "--lm-eval", "nope", "--tasks", "perplexity"]) == 2
     assert "harness tasks alone" in capsys.readouterr().out
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
