@@ -136,7 +136,8 @@ class MiniCPMLM(TemplateLM):
             unsupported = sorted(set(kwargs) - set(GREEDY_NOOPS))
             if unsupported:
                 raise ValueError(
-                    f"minicpm-jax: unsupported generation kwargs {unsupported} (accepted: until, max_gen_toks, do_sample=False)"
+                    f"minicpm-jax: unsupported generation kwargs {unsupported} "
+                    "(accepted: until, max_gen_toks, do_sample=False)"
                 )
             if not 1 <= budget < self.max_length:
                 raise ValueError(f"minicpm-jax: max_gen_toks={budget} (accepted: 1..{self.max_length - 1})")
