@@ -204,6 +204,26 @@ def cmd_convert(args) -> None:
     console.print(f"done: final hybrid {summary['final']}; mixer_types {summary['mixer_types']}")
 
 
+def cmd_distill(args) -> None:
+    if args.action == "plot":
+        from minicpm_jax.distill.plots import plot_run
+
+        if not args.run_dir:
+            raise ValueError("distill plot: give the run directory (minicpm-jax distill plot RUN_DIR)")
+        for path in plot_run(args.run_dir):
+            console.print(f"wrote {path}")
+        return
+    if not args.config:
+        raise ValueError("distill: give --config RECIPE (or: minicpm-jax distill plot RUN_DIR)")
+    from minicpm_jax.distill import load_distill_recipe, run_distill
+
+    recipe = load_distill_recipe(args.config, args.overrides)
+    console.rule("resolved distillation recipe")
+    console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
+    summary = run_distill(recipe, console)
+    console.print(f"done: {summary}")
+
+
 def cmd_generate(args) -> None:
     import jax.numpy as jnp
 
@@ -417,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_plan_arguments(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("distill", help="on-policy distillation from a recipe (configs/recipes/distill-*.yaml)")
+    p.add_argument("action", nargs="?", choices=["plot"], help="plot: draw the diagnostic panels of a run")
+    p.add_argument("run_dir", nargs="?", help="run directory (for plot)")
+    p.add_argument("--config", help="distillation recipe YAML")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("generate", help="complete prompts with a checkpoint (its tokenizer and chat template)")
     p.add_argument("--checkpoint", required=True, help="minicpm_jax checkpoint or Hugging Face directory")

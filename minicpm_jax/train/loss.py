@@ -25,6 +25,12 @@ def token_chunks(x: jax.Array, chunk_tokens: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, c, n, *x.shape[2:]), 2, 0)
 
 
+def from_token_chunks(x: jax.Array, t: int) -> jax.Array:
+    """The inverse of ``token_chunks``: ``[n, B, c, ...]`` -> ``[B, t, ...]``."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 2).reshape(b, c * n, *x.shape[3:])[:, :t]
+
+
 def chunked_cross_entropy(
     model: MiniCPMForCausalLM, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int
 ) -> tuple[jax.Array, jax.Array]:

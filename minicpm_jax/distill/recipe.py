@@ -1,0 +1,83 @@
+"""The distillation recipe (``configs/recipes/distill-*.yaml``): student, teacher, prompts, rollout and
+loss options, plus the engine's ``mesh`` / ``dtype`` / ``optimizer`` / ``train`` sections.
+
+Defaults mirror spec/opd.md 10.2 where they are scale-free (temperature 1, n = 4, K = 16, weight mode
+``student_p``, one update per batch, constant LR, clip 1.0); sizes are the recipe's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import StrictBool, StrictInt, ValidationError
+
+from minicpm_jax.config.loading import ConfigError, apply_overrides
+from minicpm_jax.config.schema import DTYPES, MeshConfig, _Strict
+
+
+class PromptsConfig(_Strict):
+    """``synthetic``: the built-in arithmetic task (prompt ``47+38:``, verifiable answer); ``jsonl``:
+    ``{"prompt", "answer" (optional)}`` records; ``chat``: format prompts with the chat template."""
+
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    dataset: Literal["arithmetic", "copy"] = "arithmetic"
+    path: str | None = None
+    num_prompts: StrictInt = 256
+    chat: StrictBool = False
+    seed: StrictInt = 0
+
+
+class RolloutConfig(_Strict):
+    n: StrictInt = 4  # responses per prompt
+    prompts_per_step: StrictInt = 4
+    max_prompt_tokens: StrictInt = 32
+    max_new_tokens: StrictInt = 64
+    chunk_tokens: StrictInt = 1024  # tokens per chunk of the scoring and of the loss
+
+
+class LossConfig(_Strict):
+    loss: str = "student_topk"
+    k: StrictInt = 16
+    weight_mode: str = "student_p"
+    support: str = "student"
+    beta: float = 0.5
+    coef: float = 1.0
+    grpo_weight: float = 0.0
+
+
+class DistillRecipe(_Strict):
+    student: str
+    teacher: str
+    output_dir: str = "runs/distill"
+    mesh: MeshConfig = MeshConfig()
+    dtype: Literal[DTYPES] = "float32"
+    param_dtype: Literal[DTYPES] = "float32"
+    seed: StrictInt = 0
+    prompts: PromptsConfig = PromptsConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+
+
+def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
+    """A validated recipe from YAML plus dotted overrides (``loss.k=4``); relative ``prompts.path`` is
+    read beside the recipe when it exists there."""
+    from minicpm_jax.distill.losses import LossOptions, check_options
+    from minicpm_jax.eval.loading import resolve_task_paths
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"recipe: no file {str(path)!r}"])
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
+    try:
+        recipe = DistillRecipe.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(
+            [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()], str(path)
+        ) from None
+    check_options(LossOptions(**recipe.loss.model_dump()))
+    prompts = recipe.prompts.model_copy(update=resolve_task_paths({"path": recipe.prompts.path}, path.resolve().parent))
+    return recipe.model_copy(update={"prompts": prompts})
