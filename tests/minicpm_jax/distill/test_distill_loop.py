@@ -132,48 +132,29 @@ def _final(out):
     )
 
 
-def test_eight_devices_equal_one_device(tmp_path):
-    student, teacher = _checkpoint(tmp_path, "s", 1), _checkpoint(tmp_path, "t", 2)
-    outs = {}
-    for name, mesh in (("one", {"fsdp": 1}), ("eight", {"data": 2, "fsdp": 2, "tensor": 2})):
-        d = tmp_path / name
-        d.mkdir()
-        run_distill(
-            load_distill_recipe(
-                _recipe(
-                    d,
-                    student,
-                    teacher,
-                    mesh={**{"data": 1, "fsdp": 1, "tensor": 1}, **mesh},
-                    train={"steps": 3, "log_every": 1},
-                )
-            )
-        )
-        outs[name] = d / "run"
-    a, b = _final(outs["one"]), _final(outs["eight"])
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
-    la = [r["loss"] for r in read_metrics(outs["one"]) if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(outs["eight"]) if "loss" in r]
-    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-6)
-
-
-def test_sigkill_then_resume_is_bit_exact(tmp_path):
-    student, teacher = _checkpoint(tmp_path, "s", 1), _checkpoint(tmp_path, "t", 2)
-    clean, crash = tmp_path / "clean", tmp_path / "crash"
-    clean.mkdir(), crash.mkdir()
-    run_distill(
-        load_distill_recipe(_recipe(clean, student, teacher, train={"steps": 6, "checkpoint_every": 2, "log_every": 1}))
-    )
-    recipe = _recipe(crash, student, teacher, train={"steps": 6, "checkpoint_every": 2, "log_every": 1})
+def _cli(recipe):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minicpm_jax.cli", "distill", "--config", str(recipe)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    command = [sys.executable, "-m", "minicpm_jax.cli", "distill", "--config", str(recipe)]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_device_equals_eight_and_sigkill_resumes_bit_exactly(tmp_path):
+    student, teacher = _checkpoint(tmp_path, "s", 1), _checkpoint(tmp_path, "t", 2)
+    runs = {name: tmp_path / name for name in ("clean", "eight", "crash")}
+    train = {"steps": 4, "checkpoint_every": 2, "log_every": 1}
+    recipes = {name: _recipe(d, student, teacher, train=train) for name, d in runs.items() if not d.mkdir()}
+    clean = _cli(recipes["clean"])  # one device, in the background while 8 devices run here
+    eight = load_distill_recipe(recipes["eight"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    run_distill(eight)
+    assert clean.wait() == 0, clean.stderr.read()[-3000:]
+    ref = _final(runs["clean"] / "run")
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), ref, _final(runs["eight"] / "run")
     )
-    checkpoints, deadline = crash / "run" / "checkpoints", time.time() + 300
+    la, lb = ([r["loss"] for r in read_metrics(runs[n] / "run") if "loss" in r] for n in ("clean", "eight"))
+    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-6)
+    proc = _cli(recipes["crash"])
+    checkpoints, deadline = runs["crash"] / "run" / "checkpoints", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()):
             proc.send_signal(signal.SIGKILL)
@@ -181,9 +162,9 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (crash / "run" / "final").exists()
-    run_distill(load_distill_recipe(recipe))
-    jax.tree.map(np.testing.assert_array_equal, _final(clean / "run"), _final(crash / "run"))
+    assert not (runs["crash"] / "run" / "final").exists()
+    assert _cli(recipes["crash"]).wait() == 0
+    jax.tree.map(np.testing.assert_array_equal, ref, _final(runs["crash"] / "run"))
 
 
 def test_compatibility_errors():
