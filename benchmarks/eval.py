@@ -3,9 +3,10 @@
 Both read the same checkpoint (a small MiniCPM4 with MiniCPM4's vocabulary and tokenizer, exported to
 the Llama layout in float32) on the same devices and score the same ``loglikelihood`` requests (random
 word contexts of ``--context-words`` words, one-word continuations) at batch 1 and 8. Tokens/s counts
-the tokens each request feeds the model; each time is the best of ``--repeats`` runs (the one least
-disturbed by other load on a shared machine) after one warm-up run (which compiles every length bucket
-of the JAX backend); the backends run round-robin.
+the tokens each request feeds the model, per wall second and per CPU second of this process (all
+threads; other load on a shared machine disturbs it less than wall time). Each run's times are of the
+fastest of ``--repeats`` runs after one warm-up run (which compiles every length bucket of the JAX
+backend); the backends run round-robin.
 
     python benchmarks/eval.py                    # CPU table -> benchmarks/results/eval_cpu.json
 """
@@ -31,7 +32,7 @@ from minicpm_jax.interop import save_hf_checkpoint
 from minicpm_jax.model import create_model, param_count
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "minicpm4-tokenizer"
-MODEL = [  # ~24M parameters, 19M of them the untied embedding and head of MiniCPM4's vocabulary
+MODEL = [  # 19.8M parameters, 18.8M of them the untied embedding and head of MiniCPM4's vocabulary
     "model.vocab_size=73448",
     "model.hidden_size=128",
     "model.num_attention_heads=8",
@@ -54,10 +55,11 @@ def requests(n: int, words: int, seed: int = 0) -> list[Instance]:
     return [Instance("loglikelihood", {}, (pick(words), " " + pick(1)), i) for i in range(n)]
 
 
-def timed(lm, reqs) -> float:
-    start = time.perf_counter()
+def timed(lm, reqs) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of one run of ``reqs``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     lm.loglikelihood(reqs, disable_tqdm=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -89,14 +91,20 @@ def main() -> None:
             for _ in range(args.repeats):
                 for name, lm in backends.items():
                     times[name].append(timed(lm, reqs))
-            rate = {name: tokens / min(t) for name, t in times.items()}
-            rows.append({"batch": bs, "tokens": tokens, "jax_tok_s": rate["minicpm-jax"], "hf_tok_s": rate["hf"]})
+            best = {name: min(t) for name, t in times.items()}  # fastest wall time, and its CPU time
+            row = {"batch": bs, "tokens": tokens}
+            for key, name in (("jax", "minicpm-jax"), ("hf", "hf")):
+                row |= {f"{key}_tok_s": tokens / best[name][0], f"{key}_tok_cpu_s": tokens / best[name][1]}
+            rows.append(row)
     columns = {
         "batch": lambda r: r["batch"],
         "tokens/run": lambda r: r["tokens"],
         "minicpm-jax tok/s": lambda r: f"{r['jax_tok_s']:,.0f}",
         "hf tok/s": lambda r: f"{r['hf_tok_s']:,.0f}",
         "ratio": lambda r: f"{r['jax_tok_s'] / r['hf_tok_s']:.2f}x",
+        "minicpm-jax tok/CPU-s": lambda r: f"{r['jax_tok_cpu_s']:,.0f}",
+        "hf tok/CPU-s": lambda r: f"{r['hf_tok_cpu_s']:,.0f}",
+        "CPU ratio": lambda r: f"{r['jax_tok_cpu_s'] / r['hf_tok_cpu_s']:.2f}x",
     }
     print(
         f"loglikelihood throughput, {args.requests} requests, {params / 1e6:.1f}M params, {jax.devices()[0].platform}"
