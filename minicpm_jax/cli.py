@@ -205,12 +205,14 @@ def cmd_convert(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    if args.action == "plot":
+    words = [w for w in args.words if "=" not in w]
+    args.overrides = [w for w in args.words if "=" in w] + args.overrides
+    if words:
         from minicpm_jax.distill.plots import plot_run
 
-        if not args.run_dir:
-            raise ValueError("distill plot: give the run directory (minicpm-jax distill plot RUN_DIR)")
-        for path in plot_run(args.run_dir):
+        if words[0] != "plot" or len(words) != 2:
+            raise ValueError(f"distill: unexpected {' '.join(words)!r} (minicpm-jax distill plot RUN_DIR)")
+        for path in plot_run(words[1]):
             console.print(f"wrote {path}")
         return
     if not args.config:
@@ -220,6 +222,13 @@ def cmd_distill(args) -> None:
     recipe = load_distill_recipe(args.config, args.overrides)
     console.rule("resolved distillation recipe")
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
+    if args.plan:
+        from minicpm_jax.distill.plan import plan_distill
+
+        meshes, batch_sizes = _plan_meshes(args)
+        rows = [("", row) for row in plan_distill(recipe, meshes, batch_sizes)]
+        _print_plan_rows(f"student {recipe.student}, teacher {recipe.teacher}, loss {recipe.loss.loss}", rows)
+        return
     summary = run_distill(recipe, console)
     console.print(f"done: {summary}")
 
@@ -439,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("distill", help="on-policy distillation from a recipe (configs/recipes/distill-*.yaml)")
-    p.add_argument("action", nargs="?", choices=["plot"], help="plot: draw the diagnostic panels of a run")
-    p.add_argument("run_dir", nargs="?", help="run directory (for plot)")
+    p.add_argument("words", nargs="*", help="'plot RUN_DIR' (draw a run's diagnostic panels), or key=value overrides")
     p.add_argument("--config", help="distillation recipe YAML")
+    p.add_argument("--plan", action="store_true", help="compile the train step from abstract shapes; print memory")
+    _add_plan_arguments(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("generate", help="complete prompts with a checkpoint (its tokenizer and chat template)")

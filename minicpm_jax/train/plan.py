@@ -18,7 +18,7 @@ from minicpm_jax.train import trainable as tr
 from minicpm_jax.train.frozen import prepare_frozen
 from minicpm_jax.train.loop import pretrain_loss
 from minicpm_jax.train.state import COUNTERS, build_train_step
-from minicpm_jax.train.step import batch_sharding, check_batch
+from minicpm_jax.train.step import check_batch, leaf_batch_sharding
 
 
 @dataclass(frozen=True)
@@ -44,18 +44,22 @@ def plan_train_memory(
     loss_fn=None,
     frozen_models: dict[str, ModelConfig] | None = None,
     trainable=None,
+    batch_fields=None,
 ) -> list[PlanRow]:
     """One row per (mesh, global batch size): XLA's per-device memory of the compiled train step.
 
     ``loss_fn`` (default the LM loss), ``frozen_models`` (name -> config of an abstract frozen model
-    in the compute dtype, e.g. a conversion's teacher) and ``trainable`` as the engine takes them."""
+    in the compute dtype, e.g. a conversion's teacher) and ``trainable`` as the engine takes them;
+    ``batch_fields(rows, seq_len) -> {name: (shape, dtype)}`` the batch the loss reads (default: LM rows)."""
     rows = []
     dtype = jnp.dtype(cfg.dtype)
     model = abstract_model(cfg.model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     graphdef, params_state = nnx.split(model, nnx.Param)
     for mesh_cfg in meshes:
         mesh = make_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])
-        teachers = {name: abstract_model(c, dtype=dtype, param_dtype=dtype) for name, c in (frozen_models or {}).items()}
+        teachers = {
+            name: abstract_model(c, dtype=dtype, param_dtype=dtype) for name, c in (frozen_models or {}).items()
+        }
         frozen = prepare_frozen(teachers or None, mesh)
         optimizer, _, sharding, mask, step = build_train_step(
             cfg, mesh, loss_fn or pretrain_loss(cfg), graphdef, params_state, frozen, trainable
@@ -69,14 +73,11 @@ def plan_train_memory(
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sharding)
         for batch_size in batch_sizes:
             check_batch(mesh, batch_size, cfg.train.micro_batches, seq_len)
-            tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding(mesh))
-            batch = {
-                "input_ids": tokens,
-                "targets": tokens,
-                "positions": tokens,
-                "segment_ids": tokens,
-                "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=batch_sharding(mesh)),
-            }
+            fields = (batch_fields or lm_batch_fields)(batch_size, seq_len)
+            batch = {}
+            for name, (shape, dt) in fields.items():
+                leaf = jax.ShapeDtypeStruct(shape, dt)
+                batch[name] = jax.ShapeDtypeStruct(shape, dt, sharding=leaf_batch_sharding(mesh, leaf))
             start = time.perf_counter()
             memory = step.lower(state, frozen.arrays, batch).compile().memory_analysis()
             rows.append(
@@ -90,6 +91,18 @@ def plan_train_memory(
                 )
             )
     return rows
+
+
+def lm_batch_fields(rows: int, seq_len: int) -> dict:
+    """The packed next-token batch of pretraining."""
+    tokens = ((rows, seq_len), jnp.int32)
+    return {
+        "input_ids": tokens,
+        "targets": tokens,
+        "positions": tokens,
+        "segment_ids": tokens,
+        "loss_mask": ((rows, seq_len), jnp.float32),
+    }
 
 
 def _size(mesh_cfg: MeshConfig) -> int:
