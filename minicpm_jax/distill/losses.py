@@ -122,7 +122,8 @@ def advantages(stored: dict, options: LossOptions) -> dict[str, jax.Array]:
             w = valid.astype(jnp.float32)
         else:
             lw = clp if o.weight_mode == "student_p" else cq
-            # sym_diff keeps unnormalised probabilities (spec §5 step 4); the others renormalise on the support
+            # softmax over the support's valid columns; sym_diff keeps raw probabilities (spec §5 step 4).
+            # weight_mode "none" is 1 on every valid column, never renormalised.
             w = jnp.where(valid, jnp.exp(lw if o.support == "sym_diff" else masked_log_softmax(lw, valid)), 0.0)
         ids.append(cid)
         adv.append(o.coef * w * (cq - clp))
