@@ -17,16 +17,45 @@ from minicpm_jax.config.loading import ConfigError, apply_overrides
 from minicpm_jax.config.schema import DTYPES, MeshConfig, _Strict
 
 
-class PromptsConfig(_Strict):
+class PromptSet(_Strict):
     """``synthetic``: the built-in arithmetic task (prompt ``47+38:``, verifiable answer); ``jsonl``:
-    ``{"prompt", "answer" (optional)}`` records; ``chat``: format prompts with the chat template."""
+    ``{"prompt", "answer" (optional)}`` records. ``provenance``: ``teacher`` (the teacher's own
+    post-training prompts, spec 8.2) or ``ood``."""
 
     source: Literal["synthetic", "jsonl"] = "synthetic"
     dataset: Literal["arithmetic", "copy"] = "arithmetic"
     path: str | None = None
     num_prompts: StrictInt = 256
-    chat: StrictBool = False
     seed: StrictInt = 0
+    provenance: Literal["teacher", "ood"] = "teacher"
+
+
+class PromptsConfig(_Strict):
+    """Teacher-aligned prompt selection (spec 8.2): prompt sets by provenance, mixed so that a share
+    ``ood_ratio`` of the prompts is out-of-distribution (None: the sets in order); each prompt is
+    rendered with the teacher's ``template`` (``{prompt}`` is the question) and, with ``chat``, the chat
+    template."""
+
+    sets: tuple[PromptSet, ...] = (PromptSet(),)
+    ood_ratio: float | None = None
+    template: str = "{prompt}"
+    chat: StrictBool = False
+
+
+class ColdStartConfig(_Strict):
+    """Off-policy cold start (spec 8.1): teacher rollouts on the first ``num_prompts`` prompts (the
+    distillation uses the others), rejection filters, then ``steps`` of SFT."""
+
+    enabled: StrictBool = False
+    num_prompts: StrictInt = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: StrictInt = 64
+    max_attempts: StrictInt = 3
+    require: str | None = None  # a regex every accepted response contains (e.g. "\\boxed")
+    steps: StrictInt = 100
+    batch_size: StrictInt = 16
+    learning_rate: float = 3e-3
 
 
 class RolloutConfig(_Strict):
@@ -56,6 +85,7 @@ class DistillRecipe(_Strict):
     param_dtype: Literal[DTYPES] = "float32"
     seed: StrictInt = 0
     prompts: PromptsConfig = PromptsConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
     optimizer: dict[str, Any] = {}
@@ -63,8 +93,8 @@ class DistillRecipe(_Strict):
 
 
 def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
-    """A validated recipe from YAML plus dotted overrides (``loss.k=4``); relative ``prompts.path`` is
-    read beside the recipe when it exists there."""
+    """A validated recipe from YAML plus dotted overrides (``loss.k=4``); relative prompt-set paths are
+    read beside the recipe when they exist there."""
     from minicpm_jax.distill.losses import LossOptions, check_options
     from minicpm_jax.eval.loading import resolve_task_paths
 
@@ -79,5 +109,16 @@ def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
             [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()], str(path)
         ) from None
     check_options(LossOptions(**recipe.loss.model_dump()))
-    prompts = recipe.prompts.model_copy(update=resolve_task_paths({"path": recipe.prompts.path}, path.resolve().parent))
-    return recipe.model_copy(update={"prompts": prompts})
+    pc = recipe.prompts
+    if "{prompt}" not in pc.template:
+        raise ConfigError([f"prompts.template: {pc.template!r} has no {{prompt}} placeholder"], str(path))
+    if pc.ood_ratio is not None and not (
+        0 <= pc.ood_ratio < 1
+        and {s.provenance for s in pc.sets} >= ({"teacher", "ood"} if pc.ood_ratio else {"teacher"})
+    ):
+        raise ConfigError(
+            [f"prompts.ood_ratio={pc.ood_ratio}: needs 0 <= ratio < 1 and prompt sets of both provenances"], str(path)
+        )
+    base = path.resolve().parent
+    sets = tuple(s.model_copy(update=resolve_task_paths({"path": s.path}, base)) for s in pc.sets)
+    return recipe.model_copy(update={"prompts": pc.model_copy(update={"sets": sets})})

@@ -48,7 +48,7 @@ def _recipe(tmp_path, student, teacher, **over):
         "student": student,
         "teacher": teacher,
         "output_dir": str(tmp_path / "run"),
-        "prompts": {"source": "synthetic", "dataset": "arithmetic", "num_prompts": 16, "seed": 1},
+        "prompts": {"sets": [{"source": "synthetic", "dataset": "arithmetic", "num_prompts": 16, "seed": 1}]},
         "rollout": {"n": 2, "prompts_per_step": 4, "max_prompt_tokens": 16, "max_new_tokens": 16, "chunk_tokens": 64},
         "loss": {"loss": "student_topk", "k": 4},
         "optimizer": {"learning_rate": 0.003},

@@ -1,0 +1,105 @@
+"""Distillation recipes: teacher-aligned prompts (template, provenance mixing), the cold start's
+rejection filters and its teacher-rollouts -> SFT -> OPD run, and recipe errors."""
+
+import json
+
+import jax.numpy as jnp
+import pytest
+import yaml
+
+from minicpm_jax.ckpt import is_native_checkpoint, save_model
+from minicpm_jax.config import load_config
+from minicpm_jax.config.loading import ConfigError
+from minicpm_jax.distill import load_distill_recipe, run_distill
+from minicpm_jax.distill.cold_start import SFTSource, degenerate
+from minicpm_jax.distill.pipeline import build_prompts, mix
+from minicpm_jax.eval.loading import byte_tokenizer
+from minicpm_jax.model import create_model
+from minicpm_jax.train.metrics import read_metrics
+
+
+def _write(tmp_path, **recipe):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"student": "tiny-minicpm4", "teacher": "tiny-minicpm4", **recipe}))
+    return path
+
+
+def test_prompt_template_and_ood_mixing(tmp_path):
+    (tmp_path / "ood.jsonl").write_text("\n".join(json.dumps({"prompt": f"ood {i}"}) for i in range(3)) + "\n")
+    sets = [
+        {"source": "synthetic", "dataset": "arithmetic", "num_prompts": 6, "provenance": "teacher"},
+        {"source": "jsonl", "path": "ood.jsonl", "provenance": "ood"},
+    ]
+    recipe = load_distill_recipe(
+        _write(tmp_path, prompts={"sets": sets, "ood_ratio": 0.25, "template": "Q: {prompt} A:"})
+    )
+    tok = byte_tokenizer()
+    texts = [tok.decode(p.ids) for p in build_prompts(recipe, tok)]
+    assert len(texts) == 8 and sum(t.startswith("Q: ood") for t in texts) == 2  # 6 / (1 - 0.25) = 8, a quarter OOD
+    assert all(t.startswith("Q: ") and t.endswith(" A:") for t in texts)
+    assert mix(list("abc"), ["x"], 0.5) == ["a", "x", "b", "x", "c", "x"]
+    with pytest.raises(ConfigError, match="no {prompt} placeholder"):
+        load_distill_recipe(_write(tmp_path, prompts={"template": "Q:"}))
+    with pytest.raises(ConfigError, match="prompt sets of both provenances"):
+        load_distill_recipe(_write(tmp_path, prompts={"ood_ratio": 0.3}))
+    with pytest.raises(ValueError, match="must not be used: a per-position top-k KL value"):
+        load_distill_recipe(_write(tmp_path, loss={"loss": "topk_kl_advantage"}))
+
+
+def test_cold_start_filters():
+    assert not degenerate(" 40+30=70, 7+8=15, 70+15=85")
+    assert degenerate("\n".join(["the same line again and again"] * 5))
+    assert not degenerate("\n".join(["the same line again and again"] * 4))
+    assert degenerate("0123456789" * 30)  # the same 100-character window at offsets 0, 10, ..., 200
+    assert not degenerate("".join(chr(65 + (i * 7919) % 58) for i in range(300)))  # no repeated window
+    rows = SFTSource([((1, 5, 6), [7, 8, 2])], rows=2, width=6, pad_id=0).next_batch(1, None)
+    assert rows["input_ids"][0].tolist() == [1, 5, 6, 7, 8, 2] and rows["targets"][0].tolist() == [5, 6, 7, 8, 2, 0]
+    assert rows["loss_mask"][0].tolist() == [0, 0, 1, 1, 1, 0]  # the response tokens 7 8 2 only
+
+
+def test_cold_start_then_distillation(tmp_path, monkeypatch):
+    import minicpm_jax.distill.cold_start as cold_start
+
+    real = cold_start.generate
+
+    def stopping_teacher(model, prompts, **kw):  # a random teacher rarely emits eos: make even rows stop
+        out = real(model, prompts, **kw)
+        out.tokens, out.lengths = out.tokens.copy(), out.lengths.copy()
+        for i in range(0, len(prompts), 2):
+            out.tokens[i, 4], out.lengths[i], out.finish_reasons[i] = 2, 5, "stop"
+        return out
+
+    monkeypatch.setattr(cold_start, "generate", stopping_teacher)
+    cfg = load_config("tiny-minicpm4", ["model.vocab_size=320"]).model
+    paths = {}
+    for name, seed in (("student", 1), ("teacher", 2)):
+        paths[name] = str(
+            save_model(create_model(cfg, seed=seed, dtype=jnp.float32), cfg, tmp_path / name, tokenizer_source="byte")
+        )
+    recipe = _write(
+        tmp_path,
+        **paths,
+        output_dir=str(tmp_path / "run"),
+        mesh={"data": 1, "fsdp": 4, "tensor": 2},
+        prompts={"sets": [{"num_prompts": 24}]},
+        cold_start={
+            "enabled": True,
+            "num_prompts": 8,
+            "max_new_tokens": 8,
+            "max_attempts": 1,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "steps": 2,
+            "batch_size": 4,
+        },
+        rollout={"n": 2, "prompts_per_step": 2, "max_prompt_tokens": 16, "max_new_tokens": 8, "chunk_tokens": 64},
+        loss={"loss": "sampled", "k": 0},
+        train={"steps": 2, "log_every": 1},
+    )
+    summary = run_distill(load_distill_recipe(recipe))
+    assert summary["steps"] == 2 and is_native_checkpoint(tmp_path / "run" / "cold-start" / "final")
+    rollouts = (tmp_path / "run" / "cold-start" / "teacher_rollouts.jsonl").read_text().splitlines()
+    assert len(rollouts) == 4  # the stopped half; the others are rejected as incomplete
+    assert all(json.loads(r)["response_ids"][-1] == 2 for r in rollouts)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "cold-start") if "loss" in r] == [1, 2]
+    assert any("opd/overlap_ratio" in r for r in read_metrics(tmp_path / "run"))
