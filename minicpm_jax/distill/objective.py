@@ -5,7 +5,8 @@ per chunk, so only hidden states are kept for the backward pass) and each chunk'
 log-softmax goes to ``distill.losses.chunk_loss`` with the chunk's stored arrays (``distill.scores``).
 Direct full-vocabulary losses also run the frozen teacher forward (no gradient) and chunk its logits
 alongside. Weight = response tokens (token-mean over the global batch). Aux: every diagnostic of
-``distill.metrics.metric_sums`` (as ``opd/<name>``) plus the rollout statistics (response length, truncation rate, reward).
+``distill.metrics.metric_sums`` (as ``opd/<name>``), the position-resolved overlap ratio and
+entropies (``opd/<name>_chunk_<i>``, 8 chunks of each response) plus the rollout statistics (response length, truncation rate, reward).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from minicpm_jax.distill.losses import LossOptions, chunk_loss, needs_teacher_logits
-from minicpm_jax.distill.metrics import metric_sums
+from minicpm_jax.distill.metrics import metric_sums, position_chunk_sums
 from minicpm_jax.train.loss import token_chunks
 
 STORED = (
@@ -31,6 +32,7 @@ STORED = (
     "grpo_adv",
 )
 ROLLOUT_STATS = ("response_length", "truncated", "reward")
+POSITION_CHUNKS = 8  # response-position chunks of the position-resolved diagnostics
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -63,9 +65,13 @@ def opd_loss(model, frozen, batch: dict, *, options: LossOptions, chunk_tokens: 
     total, _ = jax.lax.scan(body, jnp.float32(0), chunks)
     weight = jnp.sum(mask)
     flat_stored = {k: v.reshape(-1, *v.shape[2:]) for k, v in stored.items()}
-    aux = {
-        f"opd/{k}": v for k, v in metric_sums(flat_stored, mask.reshape(-1), stored["stu_topk_ids"].shape[-1]).items()
-    }
+    k, flat_mask = stored["stu_topk_ids"].shape[-1], mask.reshape(-1)
+    aux = {f"opd/{name}": v for name, v in metric_sums(flat_stored, flat_mask, k).items()}
+    position = (jnp.cumsum(mask, axis=1) - 1).reshape(-1)  # 0-based position inside the response
+    length = jnp.broadcast_to(jnp.sum(mask, axis=1, keepdims=True), mask.shape).reshape(-1)
+    by_position = position_chunk_sums(flat_stored, flat_mask, position, length, k, POSITION_CHUNKS)
+    for name, (num, den) in by_position.items():
+        aux |= {f"opd/{name}_chunk_{i}": (num[i], den[i]) for i in range(POSITION_CHUNKS)}
     rows = jnp.float32(ids.shape[0])
     aux |= {f"rollout/{k}": (jnp.sum(batch[k].astype(jnp.float32)), rows) for k in ROLLOUT_STATS if k in batch}
     return total, (weight, aux)

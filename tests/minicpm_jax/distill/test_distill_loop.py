@@ -23,7 +23,6 @@ from minicpm_jax.distill.compat import check_compatible
 from minicpm_jax.distill.pipeline import build_prompts
 from minicpm_jax.distill.recipe import DistillRecipe
 from minicpm_jax.distill.rollout import RolloutSource, final_number_reward, group_advantages
-from minicpm_jax.distill.scores import score_rollouts
 from minicpm_jax.eval.loading import byte_tokenizer
 from minicpm_jax.generate.text import load_tokenizer
 from minicpm_jax.model import create_model

@@ -58,7 +58,7 @@ def test_cold_start_filters():
 
 
 def test_cold_start_then_distillation(tmp_path, monkeypatch):
-    import minicpm_jax.distill.cold_start as cold_start
+    from minicpm_jax.distill import cold_start
 
     real = cold_start.generate
 
