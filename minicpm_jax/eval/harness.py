@@ -23,7 +23,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from minicpm_jax.eval import scoring
 from minicpm_jax.eval.report import atomic_write_text, progress
-from minicpm_jax.generate.engine import generate
+from minicpm_jax.eval.tasks import greedy_completions
 
 GREEDY_NOOPS = ("temperature", "top_p", "top_k")  # sampling knobs, without effect when do_sample=False
 
@@ -143,23 +143,12 @@ class MiniCPMLM(TemplateLM):
                 raise ValueError(f"minicpm-jax: max_gen_toks={budget} (accepted: 1..{self.max_length - 1})")
             prompts.append(self.tok_encode(context)[-(self.max_length - budget) :])
             budgets.append(budget)
-        out: list[str] = []
-        with progress(len(prompts), "lm-eval generate_until") as advance:
-            for start in range(0, len(prompts), self.batch_size):
-                batch, budget = prompts[start : start + self.batch_size], budgets[start : start + self.batch_size]
-                fill = self.batch_size - len(batch)  # a full batch every call: one compilation
-                result = generate(
-                    self.model,
-                    batch + [batch[0]] * fill,
-                    max_new_tokens=budget + [1] * fill,
-                    stop_token_ids=self.tok.stop_ids,
-                    pad_id=self.tok.pad_id,
-                )
-                for i in range(len(batch)):
-                    text = postprocess_generated_text(self.tok.decode(result.row_tokens(i)), stops[start + i], None)
-                    out.append(text)
-                    self.cache_hook.add_partial("generate_until", requests[start + i].args, text)
-                advance(len(batch))
+        texts = greedy_completions(
+            self.model, self.tok, prompts, budgets, batch_size=self.batch_size, what="lm-eval generate_until"
+        )
+        out = [postprocess_generated_text(text, stop, None) for text, stop in zip(texts, stops)]
+        for request, text in zip(requests, out):
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return out
 
 

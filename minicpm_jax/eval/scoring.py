@@ -26,7 +26,6 @@ MIN_BUCKET = 16
 Pair = tuple[Sequence[int], Sequence[int]]
 
 
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _token_scores(graphdef, state, ids, targets, chunk_tokens: int):
     """Per-token ``(log p(target), target is the argmax)`` for ``ids``/``targets`` ``[B, T]``."""

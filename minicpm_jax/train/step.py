@@ -200,6 +200,7 @@ def make_train_step(
         in_shardings=(state_sharding, frozen_sharding, None),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
+        keep_unused=True,  # frozen arrays a loss does not read stay arguments: memory plans count them
     )
 
 

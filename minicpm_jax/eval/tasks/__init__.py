@@ -24,3 +24,26 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx) :]
     return ctx, tokenizer.encode(continuation, add_bos=False)
+
+
+def greedy_completions(model, tokenizer, prompts: list[list[int]], budgets: list[int], *, batch_size: int, what: str):
+    """Greedy completion texts of ``prompts`` (at most ``budgets[i]`` new tokens each) in full batches of
+    ``batch_size`` rows (short batches are filled: one compilation), with a progress bar."""
+    from minicpm_jax.eval.report import progress
+    from minicpm_jax.generate.engine import generate
+
+    texts: list[str] = []
+    with progress(len(prompts), what) as advance:
+        for start in range(0, len(prompts), batch_size):
+            batch, budget = prompts[start : start + batch_size], budgets[start : start + batch_size]
+            fill = batch_size - len(batch)
+            result = generate(
+                model,
+                batch + [batch[0]] * fill,
+                max_new_tokens=budget + [1] * fill,
+                stop_token_ids=tokenizer.stop_ids,
+                pad_id=tokenizer.pad_id,
+            )
+            texts += [tokenizer.decode(result.row_tokens(i)) for i in range(len(batch))]
+            advance(len(batch))
+    return texts

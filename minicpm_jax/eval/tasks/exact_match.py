@@ -13,9 +13,7 @@ from __future__ import annotations
 from minicpm_jax.data.synthetic import SyntheticSource
 from minicpm_jax.eval.loading import read_jsonl
 from minicpm_jax.eval.registry import EvalContext, TaskResult, register
-from minicpm_jax.eval.report import progress
-from minicpm_jax.eval.tasks import encode_context
-from minicpm_jax.generate.engine import generate
+from minicpm_jax.eval.tasks import encode_context, greedy_completions
 
 SYNTHETIC = ("arithmetic", "copy")
 SEED_OFFSET = 7919  # eval documents come from a different stream than a training run with the same seed
@@ -78,20 +76,7 @@ def exact_match(
                 f"{where}: prompt is {len(ids)} tokens; the model's context (max_position_embeddings) is "
                 f"{context}, leaving no room to generate"
             )
-    completions: list[str] = []
-    with progress(len(examples), "exact_match") as advance:
-        for start in range(0, len(examples), ctx.batch_size):
-            batch, budget = prompts[start : start + ctx.batch_size], budgets[start : start + ctx.batch_size]
-            fill = ctx.batch_size - len(batch)  # a full batch every call: one compilation
-            result = generate(
-                ctx.model,
-                batch + [batch[0]] * fill,
-                max_new_tokens=budget + [1] * fill,
-                stop_token_ids=tok.stop_ids,
-                pad_id=tok.pad_id,
-            )
-            completions += [tok.decode(result.row_tokens(i)) for i in range(len(batch))]
-            advance(len(batch))
+    completions = greedy_completions(ctx.model, tok, prompts, budgets, batch_size=ctx.batch_size, what="exact_match")
     rows = []
     for (prompt, answer), completion in zip(examples, completions):
         text = cut_at(completion, until)

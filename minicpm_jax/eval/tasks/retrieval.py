@@ -62,7 +62,6 @@ def _argmax_at(graphdef, state, ids, gather):
     return jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
 
 
-
 def score_spans(
     ctx: EvalContext, sequences: Sequence[Sequence[int]], spans: Sequence[Sequence[tuple[int, int]]]
 ) -> list[list[bool]]:
