@@ -183,6 +183,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random softmax-layer choice")
     p.add_argument("--mqar-samples", type=int, default=64)
     p.add_argument("--copy-examples", type=int, default=32)
+    p.add_argument("--no-random", action="store_true", help="skip the random-layer conversion")
     p.add_argument("--quick", action="store_true", help="10 steps per stage, few eval samples (smoke test)")
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/convert_cpu.json"))
     args = p.parse_args()
@@ -221,6 +222,8 @@ def main() -> None:
     }
     for label, mixer_types in variants.items():
         name = "random" if label.startswith("converted (random") else "all-lightning"
+        if name == "random" and args.no_random:
+            continue
         summary, _ = convert(args, name, [f"convert.mixer_types=[{','.join(mixer_types)}]"], console)
         results["models"][label] = scores(load_any(summary["final"], dtype=jnp.float32)[1], tasks, tokenizer)
         results["models"][label]["seconds"] = summary["seconds"]
