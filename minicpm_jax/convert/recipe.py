@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, StrictBool, StrictInt, ValidationError
 
 from minicpm_jax.config.loading import ConfigError, apply_overrides, build_config
-from minicpm_jax.config.schema import DTYPES, Config, MeshConfig, SparseConfig, _Strict
+from minicpm_jax.config.schema import DTYPES, Config, MeshConfig, ModelConfig, SparseConfig, _Strict
 
 LOSSES = ("align", "kl", "lm")
 
@@ -123,6 +123,9 @@ def load_convert_recipe(path: str | Path, overrides=()) -> ConvertRecipe:
         errors.append(f"stages: names must be unique, got {names}")
     if errors:
         raise ConfigError(errors, str(path))
+    placeholder = ModelConfig().model_dump(mode="json")  # the real model comes from the teacher at run time
+    for stage in recipe.stages:
+        stage_config(recipe, stage, placeholder, Path(recipe.output_dir), frozen={}, trainable=[])
     return recipe
 
 

@@ -127,6 +127,7 @@ def test_sigkill_in_stage_two_resumes_there_and_the_export_imports_back(tmp_path
             "larger than model.vocab_size 512",
         ),
         ("tiny-minicpm4", ["stages.nosuch.train.steps=3"], "no stage named 'nosuch'"),
+        ("tiny-minicpm4", ["stages.distill.optimizer.schedule=linear"], "stages.distill: optimizer.schedule"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_error(tmp_path, capsys, teacher, overrides, message):
