@@ -1,0 +1,284 @@
+"""Toy reproduction of on-policy distillation (spec/opd.md 6-8) on the synthetic arithmetic task, with
+tiny models trained by this project on CPU.
+
+Models (``minicpm-jax train``, skipped when ``RUNS/<name>/final`` exists):
+
+- ``student``: the tiny MiniCPM4 pretrained briefly on the mixed synthetic corpus (weak at arithmetic);
+- ``teacher``: the student trained further on arithmetic only (the capability the student lacks): 400
+  steps (``teacher-400``, still 0 exact match), then 1500 more with a 300-step decay;
+- ``peer``: the student's recipe from another seed (same data, same steps: a same-capability teacher).
+
+Distillation runs (``minicpm-jax distill --config configs/recipes/distill-tiny.yaml``):
+
+(a) ``a-teacher``: student <- teacher; (b) ``b-peer``: student <- peer; (c) ``c-cold-start``: (a) with
+``cold_start.enabled=true`` (teacher rollouts -> SFT -> OPD), compared with (a) at its first steps.
+
+Reported: overlap ratio first -> last step, greedy exact match (and the looser final-number accuracy)
+of the student before / after and of the teacher, gap recovery ``(after - before) / (teacher - before)``,
+and the initial overlap ratio with and without the cold start. Everything is evaluated in float32 with
+the evaluation package exactly as the distillation run's ``train.eval_tasks`` does. Per-run diagnostic
+PNGs (``distill.plots.plot_run``) and one combined figure go to ``benchmarks/results/distill_toy/``.
+
+    python benchmarks/distill_toy.py                   # all stages, ~20 min on 2 busy CPU cores
+    python benchmarks/distill_toy.py --steps 40 --runs a-teacher b-peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CLI = [str(Path(sys.executable).parent / "minicpm-jax")]
+PRETRAIN = "configs/recipes/pretrain-tiny.yaml"
+DISTILL = "configs/recipes/distill-tiny.yaml"
+OUT = Path("benchmarks/results/distill_toy")
+_NUMBER = re.compile(r"-?\d+")
+
+
+def model_commands(runs: Path, args) -> dict[str, list[str]]:
+    """The ``minicpm-jax train`` command line of each model."""
+    size = list(args.model_overrides)
+    base = [*CLI, "train", "--config", PRETRAIN, "train.eval_every=0", *size]
+    return {
+        "student": [*base, f"train.output_dir={runs}/student", f"train.steps={args.student_steps}"],
+        "peer": [*base, f"train.output_dir={runs}/peer", f"train.steps={args.student_steps}", "seed=1"],
+        "teacher-400": [
+            *base,
+            f"train.output_dir={runs}/teacher-400",
+            f"train.steps={args.teacher_steps[0]}",
+            "data.synthetic_tasks=[arithmetic]",
+            f"train.init_from={runs}/student/final",
+        ],
+        "teacher": [  # a second arithmetic-only run: its own warm-up and a longer (300-step) decay
+            *base,
+            f"train.output_dir={runs}/teacher",
+            f"train.steps={args.teacher_steps[1]}",
+            "data.synthetic_tasks=[arithmetic]",
+            f"train.init_from={runs}/teacher-400/final",
+            "optimizer.decay_steps=300",
+            "train.log_every=50",
+        ],
+    }
+
+
+def distill_commands(runs: Path, args) -> dict[str, list[str]]:
+    """The ``minicpm-jax distill`` command line of each distillation run."""
+    base = [
+        *CLI,
+        "distill",
+        "--config",
+        DISTILL,
+        f"student={runs}/student/final",
+        f"train.steps={args.steps}",
+        "train.log_every=1",
+        f"train.eval_every={args.eval_every}",
+        f"train.checkpoint_every={args.steps}",
+        f"train.eval_tasks.arithmetic.num_examples={args.num_examples}",
+        *args.distill_overrides,
+    ]
+    return {
+        "a-teacher": [*base, f"teacher={runs}/teacher/final", f"output_dir={runs}/a-teacher"],
+        "b-peer": [*base, f"teacher={runs}/peer/final", f"output_dir={runs}/b-peer"],
+        "c-cold-start": [
+            *base,
+            f"teacher={runs}/teacher/final",
+            f"output_dir={runs}/c-cold-start",
+            "cold_start.enabled=true",
+            f"cold_start.num_prompts={args.cold_prompts}",
+            f"cold_start.steps={args.cold_steps}",
+        ],
+    }
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Runs ``cmd`` (output to ``log``); returns its wall seconds."""
+    print("$", " ".join(cmd[len(CLI) - 1 :]).replace(CLI[0], "minicpm-jax"), flush=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        raise SystemExit(f"failed ({rc}): see {log}")
+    wall = time.perf_counter() - start
+    log.with_suffix(".wall").write_text(f"{wall:.0f}\n")
+    return wall
+
+
+def wall_of(runs: Path, name: str) -> float | None:
+    """The wall seconds recorded beside a run's log (by ``run``, or by hand for runs launched in parallel)."""
+    f = runs / f"{name}.wall"
+    return float(f.read_text()) if f.is_file() else None
+
+
+def evaluate_checkpoint(path: Path, num_examples: int, seed: int = 0) -> dict:
+    """Greedy exact match (the distillation run's eval task, float32) and final-number accuracy."""
+    import jax.numpy as jnp
+
+    from minicpm_jax.ckpt import load_any
+    from minicpm_jax.eval import evaluate
+    from minicpm_jax.eval.loading import data_tokenizer
+
+    _, model = load_any(path, dtype=jnp.float32, param_dtype=jnp.float32)
+    tasks = {"arithmetic": {"task": "exact_match", "dataset": "arithmetic", "num_examples": num_examples}}
+    tok_dir = str(path) if (path / "tokenizer.json").is_file() else None
+    res = evaluate(model, tasks, tokenizer=data_tokenizer(tok_dir), seed=seed)["arithmetic"]
+    return {"exact_match": res["metrics"]["exact_match"], "final_number": final_number_accuracy(res["rows"])}
+
+
+def final_number_accuracy(rows) -> float:
+    """Share of completions whose last integer is the answer's (the rollout reward's rule)."""
+    ok = []
+    for r in rows:
+        got, want = _NUMBER.findall(r["completion"]), _NUMBER.findall(r["answer"])
+        ok.append(bool(got) and bool(want) and got[-1] == want[-1])
+    return float(np.mean(ok)) if ok else float("nan")
+
+
+def series(run_dir: Path) -> dict[str, list]:
+    """Per-step OPD diagnostics and the eval curve of a run's ``metrics.jsonl``."""
+    from minicpm_jax.train.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    opd = [r for r in records if "opd/overlap_ratio" in r]
+    ev = [r for r in records if "eval/arithmetic/exact_match" in r]
+    keys = ("overlap_ratio", "overlap_token_adv", "entropy_gap", "student_entropy", "teacher_entropy")
+    out = {"step": [r["step"] for r in opd], **{k: [r[f"opd/{k}"] for r in opd] for k in keys}}
+    out["reward"] = [r.get("rollout/reward") for r in opd]
+    out["loss"] = [r.get("loss") for r in opd]
+    out["eval_step"] = [r["step"] for r in ev]
+    out["eval_exact_match"] = [r["eval/arithmetic/exact_match"] for r in ev]
+    return out
+
+
+def _mean(xs, n):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs[:n])) if n > 0 else float(np.mean(xs[n:]))
+
+
+def combined_figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=80)
+    styles = {"a-teacher": "C0", "b-peer": "C1", "c-cold-start": "C2"}
+    for name, r in results["runs"].items():
+        s = r["series"]
+        axes[0].plot(s["step"], s["overlap_ratio"], color=styles[name], label=name, lw=1.2)
+        axes[1].plot([0, *s["eval_step"]], [r["before"]["exact_match"], *s["eval_exact_match"]],
+                     "o-", color=styles[name], label=name, ms=3)
+        w = 5
+        rew = np.convolve(np.asarray(s["reward"], float), np.ones(w) / w, mode="valid")
+        axes[2].plot(s["step"][w - 1 :], rew, color=styles[name], label=name, lw=1.2)
+    for name, m in results["models"].items():
+        if name in ("teacher", "peer"):
+            axes[1].axhline(m["exact_match"], ls="--", lw=0.8, color="C0" if name == "teacher" else "C1",
+                            label=f"{name} (fixed)")
+    axes[0].set(title="top-k overlap ratio (k=16)", xlabel="OPD step", ylim=(0, 1.02))
+    axes[1].set(title="greedy exact match (held-out)", xlabel="OPD step (0 = start)")
+    axes[2].set(title="rollout reward (T=1, 5-step mean)", xlabel="OPD step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs-dir", default="runs/distill-toy")
+    parser.add_argument("--student-steps", type=int, default=150)
+    parser.add_argument("--teacher-steps", type=int, nargs=2, default=[400, 1500], help="the two arithmetic-only runs")
+    parser.add_argument("--model-overrides", nargs="*", default=[], help="e.g. model.hidden_size=128")
+    parser.add_argument("--steps", type=int, default=50, help="OPD steps per run")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--num-examples", type=int, default=64)
+    parser.add_argument("--cold-prompts", type=int, default=128)
+    parser.add_argument("--cold-steps", type=int, default=60)
+    parser.add_argument("--distill-overrides", nargs="*", default=[])
+    parser.add_argument("--runs", nargs="*", default=["a-teacher", "b-peer", "c-cold-start"])
+    parser.add_argument("--output", default=str(OUT / "results.json"))
+    args = parser.parse_args()
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    walls, commands = {}, {}
+    for name, cmd in model_commands(runs, args).items():
+        commands[name] = cmd
+        if not (runs / name / "final").is_dir():
+            run(cmd, runs / f"{name}.log")
+        walls[name] = wall_of(runs, name)
+    models = {
+        name: evaluate_checkpoint(runs / name / "final", args.num_examples)
+        for name in ("student", "teacher-400", "teacher", "peer")
+    }
+    print("models:", json.dumps(models))
+    results = {"args": vars(args), "models": models, "runs": {}, "wall_s": walls, "commands": {}}
+    dcmds = distill_commands(runs, args)
+    for name in args.runs:
+        cmd, out = dcmds[name], runs / name
+        commands[name] = cmd
+        if not (out / "final").is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+            run(cmd, runs / f"{name}.log")
+        walls[name] = wall_of(runs, name)
+        s = series(out)
+        start = out / "cold-start" / "final"
+        before = evaluate_checkpoint(start, args.num_examples) if name == "c-cold-start" else models["student"]
+        after = evaluate_checkpoint(out / "final", args.num_examples)
+        teacher = models["teacher" if name != "b-peer" else "peer"]
+        gap = {
+            k: (after[k] - models["student"][k]) / (teacher[k] - models["student"][k])
+            if teacher[k] != models["student"][k]
+            else None
+            for k in ("exact_match", "final_number")
+        }
+        results["runs"][name] = {
+            "overlap_first": s["overlap_ratio"][0],
+            "overlap_last": s["overlap_ratio"][-1],
+            "overlap_first5": _mean(s["overlap_ratio"], 5),
+            "overlap_last5": _mean(s["overlap_ratio"], -5),
+            "reward_first5": _mean(s["reward"], 5),
+            "reward_last5": _mean(s["reward"], -5),
+            "before": before,
+            "after": after,
+            "teacher": teacher,
+            "gap_recovery": gap,
+            "plots": [str(p) for p in plot_copy(out, name)],
+            "series": s,
+        }
+        print(name, json.dumps({k: v for k, v in results["runs"][name].items() if k != "series"}), flush=True)
+    results["wall_s"] = walls
+    results["commands"] = {k: " ".join(v).replace(CLI[0], "minicpm-jax") for k, v in commands.items()}
+    results["load_average"] = os.getloadavg()[0]
+    if results["runs"]:
+        combined_figure(results, OUT / "combined.png")
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.output}")
+
+
+def plot_copy(run_dir: Path, name: str) -> list[Path]:
+    """``plot_run`` of the run, with the overlap-ratio and entropy panels copied to OUT/<name>_*.png."""
+    from minicpm_jax.distill.plots import plot_run
+
+    written = []
+    for p in map(Path, plot_run(run_dir)):
+        if p.stem in ("overlap_ratio", "entropy", "overlap_advantage"):
+            dst = OUT / f"{name}_{p.name}"
+            shutil.copy(p, dst)
+            written.append(dst)
+    return written
+
+
+if __name__ == "__main__":
+    main()
