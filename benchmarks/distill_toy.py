@@ -58,6 +58,13 @@ def model_commands(runs: Path, args) -> dict[str, list[str]]:
             "data.synthetic_tasks=[arithmetic]",
             f"train.init_from={runs}/student/final",
         ],
+        "peer-400": [
+            *base,
+            f"train.output_dir={runs}/peer-400",
+            f"train.steps={args.teacher_steps[0]}",
+            "data.synthetic_tasks=[arithmetic]",
+            f"train.init_from={runs}/peer/final",
+        ],
         "teacher": [  # a second arithmetic-only run: its own warm-up and a longer (300-step) decay
             *base,
             f"train.output_dir={runs}/teacher",
@@ -70,6 +77,26 @@ def model_commands(runs: Path, args) -> dict[str, list[str]]:
     }
 
 
+SAMPLED, FULL_RKL = ["loss.loss=sampled", "loss.k=0"], ["loss.loss=full_vocab_rkl", "loss.k=0"]
+COLD = ["cold_start.enabled=true"]
+# name -> (student model, teacher model, extra overrides). (a)/(b)/(c) as in the module docstring; the
+# "2" runs repeat them with the student that has the answer format but not the arithmetic (teacher-400,
+# exact match 0) and its same-capability peer (peer-400); a-* / a2-sampled change one option of (a).
+RUNS = {
+    "a-teacher": ("student", "teacher", []),
+    "b-peer": ("student", "peer", []),
+    "b-self": ("student", "student", []),
+    "c-cold-start": ("student", "teacher", COLD),
+    "a-sampled": ("student", "teacher", SAMPLED),
+    "a-full-rkl": ("student", "teacher", FULL_RKL),
+    "a-lr3e-4": ("student", "teacher", ["optimizer.learning_rate=0.0003"]),
+    "a2-teacher": ("teacher-400", "teacher", []),
+    "a2-sampled": ("teacher-400", "teacher", SAMPLED),
+    "b2-peer": ("teacher-400", "peer-400", []),
+    "c2-cold-start": ("teacher-400", "teacher", COLD),
+}
+
+
 def distill_commands(runs: Path, args) -> dict[str, list[str]]:
     """The ``minicpm-jax distill`` command line of each distillation run."""
     base = [
@@ -77,7 +104,6 @@ def distill_commands(runs: Path, args) -> dict[str, list[str]]:
         "distill",
         "--config",
         DISTILL,
-        f"student={runs}/student/final",
         f"train.steps={args.steps}",
         "train.log_every=1",
         f"train.eval_every={args.eval_every}",
@@ -85,17 +111,17 @@ def distill_commands(runs: Path, args) -> dict[str, list[str]]:
         f"train.eval_tasks.arithmetic.num_examples={args.num_examples}",
         *args.distill_overrides,
     ]
+    cold = [f"cold_start.num_prompts={args.cold_prompts}", f"cold_start.steps={args.cold_steps}"]
     return {
-        "a-teacher": [*base, f"teacher={runs}/teacher/final", f"output_dir={runs}/a-teacher"],
-        "b-peer": [*base, f"teacher={runs}/peer/final", f"output_dir={runs}/b-peer"],
-        "c-cold-start": [
+        name: [
             *base,
-            f"teacher={runs}/teacher/final",
-            f"output_dir={runs}/c-cold-start",
-            "cold_start.enabled=true",
-            f"cold_start.num_prompts={args.cold_prompts}",
-            f"cold_start.steps={args.cold_steps}",
-        ],
+            f"student={runs}/{student}/final",
+            f"teacher={runs}/{teacher}/final",
+            f"output_dir={runs}/{name}",
+            *extra,
+            *(cold if extra == COLD else []),
+        ]
+        for name, (student, teacher, extra) in RUNS.items()
     }
 
 
@@ -163,32 +189,42 @@ def _mean(xs, n):
     return float(np.mean(xs[:n])) if n > 0 else float(np.mean(xs[n:]))
 
 
-def combined_figure(results: dict, path: Path) -> None:
+PLOT_RUNS = ("a-teacher", "b-peer", "c-cold-start", "a2-teacher", "b2-peer", "c2-cold-start")
+FIGURES = {  # file -> runs
+    "opd_toy_ab.png": ["a-teacher", "b-peer", "b-self", "a2-teacher", "b2-peer"],
+    "opd_toy_variants_cold_start.png": [
+        "a-teacher", "a-sampled", "a-full-rkl", "a-lr3e-4", "c-cold-start", "a2-sampled", "c2-cold-start"
+    ],
+}
+
+
+def combined_figure(results: dict, names: list[str], path: Path) -> None:
+    """Overlap ratio, student entropy, held-out exact match and rollout reward vs OPD step of ``names``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=80)
-    styles = {"a-teacher": "C0", "b-peer": "C1", "c-cold-start": "C2"}
-    for name, r in results["runs"].items():
-        s = r["series"]
-        axes[0].plot(s["step"], s["overlap_ratio"], color=styles[name], label=name, lw=1.2)
-        axes[1].plot([0, *s["eval_step"]], [r["before"]["exact_match"], *s["eval_exact_match"]],
-                     "o-", color=styles[name], label=name, ms=3)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=72)
+    names = [n for n in names if n in results["runs"]]
+    for i, name in enumerate(names):
+        r, s, c = results["runs"][name], results["runs"][name]["series"], f"C{i}"
+        axes[0].plot(s["step"], s["overlap_ratio"], color=c, label=name, lw=1.2)
+        axes[1].plot(s["step"], s["student_entropy"], color=c, label=name, lw=1.2)
+        axes[2].plot([0, *s["eval_step"]], [r["before"]["exact_match"], *s["eval_exact_match"]], "o-", color=c,
+                     label=name, ms=3)
         w = 5
         rew = np.convolve(np.asarray(s["reward"], float), np.ones(w) / w, mode="valid")
-        axes[2].plot(s["step"][w - 1 :], rew, color=styles[name], label=name, lw=1.2)
-    for name, m in results["models"].items():
-        if name in ("teacher", "peer"):
-            axes[1].axhline(m["exact_match"], ls="--", lw=0.8, color="C0" if name == "teacher" else "C1",
-                            label=f"{name} (fixed)")
+        axes[3].plot(s["step"][w - 1 :], rew, color=c, label=name, lw=1.2)
+    axes[2].axhline(results["models"]["teacher"]["exact_match"], ls="--", lw=0.8, color="k", label="teacher")
     axes[0].set(title="top-k overlap ratio (k=16)", xlabel="OPD step", ylim=(0, 1.02))
-    axes[1].set(title="greedy exact match (held-out)", xlabel="OPD step (0 = start)")
-    axes[2].set(title="rollout reward (T=1, 5-step mean)", xlabel="OPD step")
+    axes[1].set(title="student entropy on rollouts (nats)", xlabel="OPD step")
+    axes[2].set(title="greedy exact match (64 held-out)", xlabel="OPD step (0 = start)", ylim=(-0.02, 1.0))
+    axes[3].set(title="rollout reward (T=1, 5-step mean)", xlabel="OPD step", ylim=(-0.02, 1.0))
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -206,7 +242,7 @@ def main():
     parser.add_argument("--cold-prompts", type=int, default=128)
     parser.add_argument("--cold-steps", type=int, default=60)
     parser.add_argument("--distill-overrides", nargs="*", default=[])
-    parser.add_argument("--runs", nargs="*", default=["a-teacher", "b-peer", "c-cold-start"])
+    parser.add_argument("--runs", nargs="*", default=list(RUNS))
     parser.add_argument("--output", default=str(OUT / "results.json"))
     args = parser.parse_args()
     runs = Path(args.runs_dir)
@@ -220,7 +256,7 @@ def main():
         walls[name] = wall_of(runs, name)
     models = {
         name: evaluate_checkpoint(runs / name / "final", args.num_examples)
-        for name in ("student", "teacher-400", "teacher", "peer")
+        for name in ("student", "peer", "teacher-400", "peer-400", "teacher")
     }
     print("models:", json.dumps(models))
     results = {"args": vars(args), "models": models, "runs": {}, "wall_s": walls, "commands": {}}
@@ -234,13 +270,13 @@ def main():
         walls[name] = wall_of(runs, name)
         s = series(out)
         start = out / "cold-start" / "final"
-        before = evaluate_checkpoint(start, args.num_examples) if name == "c-cold-start" else models["student"]
+        student_name, teacher_name, _ = RUNS[name]
+        initial = models[student_name]  # the gap recovery counts from the student before any training here
+        before = evaluate_checkpoint(start, args.num_examples) if start.is_dir() else initial
         after = evaluate_checkpoint(out / "final", args.num_examples)
-        teacher = models["teacher" if name != "b-peer" else "peer"]
+        teacher = models[teacher_name]
         gap = {
-            k: (after[k] - models["student"][k]) / (teacher[k] - models["student"][k])
-            if teacher[k] != models["student"][k]
-            else None
+            k: (after[k] - initial[k]) / (teacher[k] - initial[k]) if teacher[k] != initial[k] else None
             for k in ("exact_match", "final_number")
         }
         results["runs"][name] = {
@@ -250,6 +286,9 @@ def main():
             "overlap_last5": _mean(s["overlap_ratio"], -5),
             "reward_first5": _mean(s["reward"], 5),
             "reward_last5": _mean(s["reward"], -5),
+            "student": student_name,
+            "teacher_model": teacher_name,
+            "initial": initial,
             "before": before,
             "after": after,
             "teacher": teacher,
@@ -261,19 +300,21 @@ def main():
     results["wall_s"] = walls
     results["commands"] = {k: " ".join(v).replace(CLI[0], "minicpm-jax") for k, v in commands.items()}
     results["load_average"] = os.getloadavg()[0]
-    if results["runs"]:
-        combined_figure(results, OUT / "combined.png")
+    for file, names in FIGURES.items():
+        if any(n in results["runs"] for n in names):
+            combined_figure(results, names, OUT / file)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
 
 
 def plot_copy(run_dir: Path, name: str) -> list[Path]:
-    """``plot_run`` of the run, with the overlap-ratio and entropy panels copied to OUT/<name>_*.png."""
+    """``plot_run`` of the run (into RUN_DIR/plots), with the overlap-ratio and entropy panels of the
+    ``PLOT_RUNS`` copied to OUT/<name>_*.png."""
     from minicpm_jax.distill.plots import plot_run
 
     written = []
     for p in map(Path, plot_run(run_dir)):
-        if p.stem in ("overlap_ratio", "entropy", "overlap_advantage"):
+        if name in PLOT_RUNS and p.stem in ("overlap_ratio", "entropy"):
             dst = OUT / f"{name}_{p.name}"
             shutil.copy(p, dst)
             written.append(dst)
