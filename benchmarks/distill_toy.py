@@ -79,6 +79,8 @@ def model_commands(runs: Path, args) -> dict[str, list[str]]:
 
 SAMPLED, FULL_RKL = ["loss.loss=sampled", "loss.k=0"], ["loss.loss=full_vocab_rkl", "loss.k=0"]
 COLD = ["cold_start.enabled=true"]
+LONG = ["train.steps=300", "train.eval_every=50", "train.checkpoint_every=100"]  # 6x the OPD steps
+XLONG = ["train.steps=2000", "train.eval_every=250", "train.checkpoint_every=1000"]  # 40x
 # name -> (student model, teacher model, extra overrides). (a)/(b)/(c) as in the module docstring; the
 # "2" runs repeat them with the student that has the answer format but not the arithmetic (teacher-400,
 # exact match 0) and its same-capability peer (peer-400); a-* / a2-sampled change one option of (a).
@@ -92,6 +94,12 @@ RUNS = {
     "a-lr3e-4": ("student", "teacher", ["optimizer.learning_rate=0.0003"]),
     "a2-teacher": ("teacher-400", "teacher", []),
     "a2-sampled": ("teacher-400", "teacher", SAMPLED),
+    "a2-full-rkl": ("teacher-400", "teacher", FULL_RKL),
+    "a2-sampled-300": ("teacher-400", "teacher", [*SAMPLED, *LONG]),
+    "a-sampled-300": ("student", "teacher", [*SAMPLED, *LONG]),
+    "a2-sampled-2000": ("teacher-400", "teacher", [*SAMPLED, *XLONG]),
+    "a2-full-rkl-2000": ("teacher-400", "teacher", [*FULL_RKL, *XLONG]),
+    "a2-union": ("teacher-400", "teacher", ["loss.support=union"]),
     "b2-peer": ("teacher-400", "peer-400", []),
     "c2-cold-start": ("teacher-400", "teacher", COLD),
 }
@@ -175,13 +183,46 @@ def series(run_dir: Path) -> dict[str, list]:
     records = read_metrics(run_dir)
     opd = [r for r in records if "opd/overlap_ratio" in r]
     ev = [r for r in records if "eval/arithmetic/exact_match" in r]
-    keys = ("overlap_ratio", "overlap_token_adv", "entropy_gap", "student_entropy", "teacher_entropy")
+    keys = (
+        "overlap_ratio",
+        "overlap_token_adv",
+        "entropy_gap",
+        "student_entropy",
+        "teacher_entropy",
+        "topk_mass_student",
+    )
     out = {"step": [r["step"] for r in opd], **{k: [r[f"opd/{k}"] for r in opd] for k in keys}}
     out["reward"] = [r.get("rollout/reward") for r in opd]
     out["loss"] = [r.get("loss") for r in opd]
     out["eval_step"] = [r["step"] for r in ev]
     out["eval_exact_match"] = [r["eval/arithmetic/exact_match"] for r in ev]
     return out
+
+
+def summary_table(results: dict) -> str:
+    """The markdown table of the runs (overlap, entropy, top-k mass: step 1 / mean of the first 5 / of the last 5)."""
+    lines = [
+        "| run | student <- teacher | loss | overlap step 1 / first 5 / last 5 | student entropy first 5 -> last 5 "
+        "| student top-16 mass last 5 | EM before -> after (teacher) | final-number acc after | gap recovery (EM) |",
+        "|" + "---|" * 9,
+    ]
+    for name, r in results["runs"].items():
+        s = r["series"]
+        loss = next((x.split("=")[1] for x in RUNS[name][2] if x.startswith("loss.loss=")), "student_topk")
+        loss += " +cold start" if RUNS[name][2] == COLD else ""
+        loss += next((f" lr {x.split('=')[1]}" for x in RUNS[name][2] if x.startswith("optimizer.learning_rate")), "")
+        loss += next((f" {x.split('=')[1]} support" for x in RUNS[name][2] if x.startswith("loss.support")), "")
+        steps = s["step"][-1]
+        gap = r["gap_recovery"]["exact_match"]
+        lines.append(
+            f"| {name} ({steps} steps) | {r['student']} <- {r['teacher_model']} | {loss} | "
+            f"{s['overlap_ratio'][0]:.2f} / {_mean(s['overlap_ratio'], 5):.2f} / {_mean(s['overlap_ratio'], -5):.2f} | "
+            f"{_mean(s['student_entropy'], 5):.2f} -> {_mean(s['student_entropy'], -5):.2f} | "
+            f"{_mean(s['topk_mass_student'], -5):.2f} | "
+            f"{r['before']['exact_match']:.3f} -> {r['after']['exact_match']:.3f} ({r['teacher']['exact_match']:.3f}) | "
+            f"{r['after']['final_number']:.3f} | {'n/a' if gap is None else f'{gap:.2f}'} |"
+        )
+    return "\n".join(lines)
 
 
 def _mean(xs, n):
@@ -193,8 +234,10 @@ PLOT_RUNS = ("a-teacher", "b-peer", "c-cold-start", "a2-teacher", "b2-peer", "c2
 FIGURES = {  # file -> runs
     "opd_toy_ab.png": ["a-teacher", "b-peer", "b-self", "a2-teacher", "b2-peer"],
     "opd_toy_variants_cold_start.png": [
-        "a-teacher", "a-sampled", "a-full-rkl", "a-lr3e-4", "c-cold-start", "a2-sampled", "c2-cold-start"
+        "a-teacher", "a-sampled", "a-full-rkl", "a-lr3e-4", "c-cold-start", "a2-teacher", "a2-sampled", "a2-full-rkl",
+        "a2-union", "c2-cold-start"
     ],
+    "opd_toy_long.png": ["a-sampled-300", "a2-sampled-300", "a2-sampled-2000", "a2-full-rkl-2000"],
 }
 
 
@@ -300,6 +343,8 @@ def main():
     results["wall_s"] = walls
     results["commands"] = {k: " ".join(v).replace(CLI[0], "minicpm-jax") for k, v in commands.items()}
     results["load_average"] = os.getloadavg()[0]
+    results["table"] = summary_table(results)
+    print(results["table"])
     for file, names in FIGURES.items():
         if any(n in results["runs"] for n in names):
             combined_figure(results, names, OUT / file)
@@ -316,7 +361,7 @@ def plot_copy(run_dir: Path, name: str) -> list[Path]:
     for p in map(Path, plot_run(run_dir)):
         if name in PLOT_RUNS and p.stem in ("overlap_ratio", "entropy"):
             dst = OUT / f"{name}_{p.name}"
-            shutil.copy(p, dst)
+            shutil.copyfile(p, dst)
             written.append(dst)
     return written
 
