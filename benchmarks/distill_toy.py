@@ -348,6 +348,9 @@ def main():
     for file, names in FIGURES.items():
         if any(n in results["runs"] for n in names):
             combined_figure(results, names, OUT / file)
+    for r in results["runs"].values():  # at most ~100 points per curve in the JSON (the figures use all)
+        stride = -(-len(r["series"]["step"]) // 100)
+        r["series"] = {k: v if k.startswith("eval") else v[::stride] for k, v in r["series"].items()}
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
 
