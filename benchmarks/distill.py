@@ -237,8 +237,11 @@ def memory_table(args) -> list[dict]:
                 "compile_s": time.perf_counter() - start,
             }
             rows.append(row)
-            print(f"  {loss} chunk {chunk}: step temp {human_bytes(plan.temp_bytes)}, scoring temp "
-                  f"{human_bytes(score['temp_bytes'])} ({row['compile_s']:.1f} s)", flush=True)
+            print(
+                f"  {loss} chunk {chunk}: step temp {human_bytes(plan.temp_bytes)}, scoring temp "
+                f"{human_bytes(score['temp_bytes'])} ({row['compile_s']:.1f} s)",
+                flush=True,
+            )
     logits = tokens * args.vocab * 4
     print(
         f"\npeak memory (XLA memory_analysis, CPU, fp32) of the compiled programs: tiny-minicpm4 student and "

@@ -202,8 +202,10 @@ def series(run_dir: Path) -> dict[str, list]:
 def summary_table(results: dict) -> str:
     """The markdown table of the runs (overlap, entropy, top-k mass: step 1 / mean of the first 5 / of the last 5)."""
     lines = [
-        "| run | student <- teacher | loss | overlap step 1 / first 5 / last 5 | student entropy first 5 -> last 5 "
-        "| student top-16 mass last 5 | EM before -> after (teacher) | final-number acc after | gap recovery (EM) |",
+        (
+            "| run | student <- teacher | loss | overlap step 1 / first 5 / last 5 | student entropy first 5 -> last 5 "
+            "| student top-16 mass last 5 | EM before -> after (teacher) | final-number acc after | gap recovery (EM) |"
+        ),
         "|" + "---|" * 9,
     ]
     for name, r in results["runs"].items():
@@ -234,8 +236,16 @@ PLOT_RUNS = ("a-teacher", "b-peer", "c-cold-start", "a2-teacher", "b2-peer", "c2
 FIGURES = {  # file -> runs
     "opd_toy_ab.png": ["a-teacher", "b-peer", "b-self", "a2-teacher", "b2-peer"],
     "opd_toy_variants_cold_start.png": [
-        "a-teacher", "a-sampled", "a-full-rkl", "a-lr3e-4", "c-cold-start", "a2-teacher", "a2-sampled", "a2-full-rkl",
-        "a2-union", "c2-cold-start"
+        "a-teacher",
+        "a-sampled",
+        "a-full-rkl",
+        "a-lr3e-4",
+        "c-cold-start",
+        "a2-teacher",
+        "a2-sampled",
+        "a2-full-rkl",
+        "a2-union",
+        "c2-cold-start",
     ],
     "opd_toy_long.png": ["a-sampled-300", "a2-sampled-300", "a2-sampled-2000", "a2-full-rkl-2000"],
 }
@@ -254,8 +264,9 @@ def combined_figure(results: dict, names: list[str], path: Path) -> None:
         r, s, c = results["runs"][name], results["runs"][name]["series"], f"C{i}"
         axes[0].plot(s["step"], s["overlap_ratio"], color=c, label=name, lw=1.2)
         axes[1].plot(s["step"], s["student_entropy"], color=c, label=name, lw=1.2)
-        axes[2].plot([0, *s["eval_step"]], [r["before"]["exact_match"], *s["eval_exact_match"]], "o-", color=c,
-                     label=name, ms=3)
+        axes[2].plot(
+            [0, *s["eval_step"]], [r["before"]["exact_match"], *s["eval_exact_match"]], "o-", color=c, label=name, ms=3
+        )
         w = 5
         rew = np.convolve(np.asarray(s["reward"], float), np.ones(w) / w, mode="valid")
         axes[3].plot(s["step"][w - 1 :], rew, color=c, label=name, lw=1.2)
