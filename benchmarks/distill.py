@@ -37,10 +37,9 @@ from minicpm_jax.ckpt import config_of, load_any
 from minicpm_jax.config.schema import MeshConfig
 from minicpm_jax.distill.losses import LossOptions
 from minicpm_jax.distill.objective import opd_loss
-from minicpm_jax.distill.pipeline import DIAGNOSTIC_K, build_prompts, run_config, tokenizer_of
+from minicpm_jax.distill.pipeline import DIAGNOSTIC_K, build_prompts, distill_parts, run_config, tokenizer_of
 from minicpm_jax.distill.plan import rollout_batch_fields
 from minicpm_jax.distill.recipe import load_distill_recipe
-from minicpm_jax.distill.rollout import RolloutSource
 from minicpm_jax.distill.scores import score_rollouts
 from minicpm_jax.info import human_bytes
 from minicpm_jax.model.factory import abstract_model
@@ -82,21 +81,8 @@ def time_steps(args) -> dict:
     student_cfg, student = load_any(recipe.student, mesh=mesh, dtype=dtype, param_dtype=dtype)
     _, teacher = load_any(recipe.teacher, mesh=mesh, dtype=dtype, param_dtype=dtype)
     tok = tokenizer_of(recipe.student)
-    options = LossOptions(**recipe.loss.model_dump())
-    ro = recipe.rollout
-    source = RolloutSource(
-        build_prompts(recipe, tok),
-        tokenizer=tok,
-        n=ro.n,
-        prompts_per_step=ro.prompts_per_step,
-        max_prompt_tokens=ro.max_prompt_tokens,
-        max_new_tokens=ro.max_new_tokens,
-        k=options.k or DIAGNOSTIC_K,
-        seed=recipe.seed,
-        chunk_tokens=ro.chunk_tokens,
-    )
-    cfg = run_config(recipe, student_cfg, recipe.student)
-    loss_fn = functools.partial(opd_loss, options=options, chunk_tokens=ro.chunk_tokens, remat=cfg.train.remat)
+    cfg, source, loss_fn = distill_parts(recipe, build_prompts(recipe, tok), tok, student_cfg)
+    ro, options = recipe.rollout, recipe.loss
     trainer = create_trainer(cfg, mesh, loss_fn, student, frozen={"teacher": teacher})
     records = []
     for step in range(1, args.warmup + args.steps + 1):

@@ -144,6 +144,26 @@ def run_cold_start(recipe: DistillRecipe, prompts, student, teacher, tokenizer, 
     return out / "final"
 
 
+def distill_parts(recipe: DistillRecipe, prompts: list[Prompt], tokenizer, student_cfg):
+    """``(run config, rollout source, loss_fn)`` of the on-policy stage (what ``run_training`` takes)."""
+    options = LossOptions(**recipe.loss.model_dump())
+    ro = recipe.rollout
+    source = RolloutSource(
+        prompts,
+        tokenizer=tokenizer,
+        n=ro.n,
+        prompts_per_step=ro.prompts_per_step,
+        max_prompt_tokens=ro.max_prompt_tokens,
+        max_new_tokens=ro.max_new_tokens,
+        k=options.k or DIAGNOSTIC_K,
+        seed=recipe.seed,
+        chunk_tokens=ro.chunk_tokens,
+    )
+    cfg = run_config(recipe, student_cfg, recipe.student)
+    loss_fn = functools.partial(opd_loss, options=options, chunk_tokens=ro.chunk_tokens, remat=cfg.train.remat)
+    return cfg, source, loss_fn
+
+
 def run_distill(recipe: DistillRecipe, console: Console | None = None) -> dict:
     """Distil ``recipe.teacher`` into ``recipe.student`` on-policy (after the cold start, if enabled),
     resuming from ``output_dir``."""
@@ -157,7 +177,6 @@ def run_distill(recipe: DistillRecipe, console: Console | None = None) -> dict:
     student_cfg, student = load_any(recipe.student, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
     teacher_cfg, teacher = load_any(recipe.teacher, mesh=mesh, dtype=dtype, param_dtype=dtype)
     check_compatible(student_cfg, teacher_cfg, student_tok, teacher_tok)
-    options = LossOptions(**recipe.loss.model_dump())
     prompts = build_prompts(recipe, student_tok)
     if recipe.cold_start.enabled:
         cold, prompts = prompts[: recipe.cold_start.num_prompts], prompts[recipe.cold_start.num_prompts :]
@@ -165,20 +184,7 @@ def run_distill(recipe: DistillRecipe, console: Console | None = None) -> dict:
             raise ValueError(f"cold_start.num_prompts={len(cold)} leaves no prompt for the distillation")
         sft = run_cold_start(recipe, cold, student, teacher, student_tok, console)
         student = load_any(sft, mesh=mesh, dtype=dtype, param_dtype=param_dtype)[1]
-    ro = recipe.rollout
-    source = RolloutSource(
-        prompts,
-        tokenizer=student_tok,
-        n=ro.n,
-        prompts_per_step=ro.prompts_per_step,
-        max_prompt_tokens=ro.max_prompt_tokens,
-        max_new_tokens=ro.max_new_tokens,
-        k=options.k or DIAGNOSTIC_K,
-        seed=recipe.seed,
-        chunk_tokens=ro.chunk_tokens,
-    )
-    cfg = run_config(recipe, student_cfg, recipe.student)
-    loss_fn = functools.partial(opd_loss, options=options, chunk_tokens=ro.chunk_tokens, remat=cfg.train.remat)
+    cfg, source, loss_fn = distill_parts(recipe, prompts, student_tok, student_cfg)
     return run_training(
         cfg, loss_fn=loss_fn, model=student, frozen={"teacher": teacher}, source=source, console=console
     )

@@ -7,14 +7,16 @@ Defaults mirror spec/opd.md 10.2 where they are scale-free (temperature 1, n = 4
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import StrictBool, StrictInt, ValidationError
+from pydantic import StrictBool, StrictInt, ValidationError, create_model
 
 from minicpm_jax.config.loading import ConfigError, apply_overrides
 from minicpm_jax.config.schema import DTYPES, MeshConfig, _Strict
+from minicpm_jax.distill.losses import LossOptions, check_options
 
 
 class PromptSet(_Strict):
@@ -66,14 +68,12 @@ class RolloutConfig(_Strict):
     chunk_tokens: StrictInt = 1024  # tokens per chunk of the scoring and of the loss
 
 
-class LossConfig(_Strict):
-    loss: str = "student_topk"
-    k: StrictInt = 16
-    weight_mode: str = "student_p"
-    support: str = "student"
-    beta: float = 0.5
-    coef: float = 1.0
-    grpo_weight: float = 0.0
+# the recipe's ``loss`` section: the fields of ``distill.losses.LossOptions`` (checked by ``check_options``)
+LossConfig = create_model(
+    "LossConfig",
+    __base__=_Strict,
+    **{f.name: (get_type_hints(LossOptions)[f.name], f.default) for f in dataclasses.fields(LossOptions)},
+)
 
 
 class DistillRecipe(_Strict):
@@ -95,7 +95,6 @@ class DistillRecipe(_Strict):
 def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
     """A validated recipe from YAML plus dotted overrides (``loss.k=4``); relative prompt-set paths are
     read beside the recipe when they exist there."""
-    from minicpm_jax.distill.losses import LossOptions, check_options
     from minicpm_jax.eval.loading import resolve_task_paths
 
     path = Path(path)
