@@ -27,21 +27,46 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def greedy_completions(model, tokenizer, prompts: list[list[int]], budgets: list[int], *, batch_size: int, what: str):
-    """Greedy completion texts of ``prompts`` (at most ``budgets[i]`` new tokens each) in full batches of
-    ``batch_size`` rows (short batches are filled: one compilation), with a progress bar."""
+    """Greedy completion texts of ``prompts``: ``completions`` with the engine's greedy decoding."""
+    return completions(model, tokenizer, prompts, budgets, batch_size=batch_size, what=what)
+
+
+def completions(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    budgets: list[int],
+    *,
+    batch_size: int,
+    what: str,
+    sampling=None,
+    keys=None,
+):
+    """Completion texts of ``prompts`` (at most ``budgets[i]`` new tokens each) in full batches of
+    ``batch_size`` rows (short batches are filled: one compilation), with a progress bar. ``sampling``:
+    a ``SamplingParams`` (default greedy); ``keys``: ``[len(prompts)]`` PRNG keys, one per prompt, so a
+    sampled row does not depend on the batch it runs in (default: the engine's seed 0)."""
+    import jax.numpy as jnp
+
     from minicpm_jax.eval.report import progress
-    from minicpm_jax.generate.engine import generate
+    from minicpm_jax.generate.engine import GREEDY, generate
 
     texts: list[str] = []
     with progress(len(prompts), what) as advance:
         for start in range(0, len(prompts), batch_size):
             batch, budget = prompts[start : start + batch_size], budgets[start : start + batch_size]
             fill = batch_size - len(batch)
+            rng = 0
+            if keys is not None:
+                rng = keys[start : start + batch_size]
+                rng = jnp.concatenate([rng, jnp.repeat(rng[:1], fill)])
             result = generate(
                 model,
                 batch + [batch[0]] * fill,
                 max_new_tokens=budget + [1] * fill,
+                sampling=sampling or GREEDY,
                 stop_token_ids=tokenizer.stop_ids,
+                rng=rng,
                 pad_id=tokenizer.pad_id,
             )
             texts += [tokenizer.decode(result.row_tokens(i)) for i in range(len(batch))]

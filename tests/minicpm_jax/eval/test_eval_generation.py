@@ -70,3 +70,34 @@ def test_exact_match_equals_greedy_decoding(tmp_path):
     assert syn.metrics["examples"] == 2 and [r["prompt"] for r in syn.rows] == [
         p for p, _ in synthetic_examples("copy", 2, 0)
     ]
+
+
+def test_exact_match_sampled_avg_at_k():
+    cfg = load_config("tiny-minicpm4").model
+    model, tok = create_model(cfg, seed=1, dtype=jnp.float32), byte_tokenizer()
+    opts = {"dataset": "copy", "num_examples": 3, "max_new_tokens": 4, "until": []}
+    sample = {**opts, "num_samples": 4, "temperature": 1.0}
+    a = run_task("exact_match", EvalContext(model, tok, batch_size=4, seed=3), sample)
+    assert set(a.metrics) == {"exact_match", "pass_at_k", "num_samples", "examples"}
+    assert a.metrics["num_samples"] == 4 and a.metrics["examples"] == 3 and len(a.rows) == 3
+    assert all(len(r["completions"]) == len(r["correct"]) == 4 for r in a.rows)
+    # per-sample keys: the same seed gives the same samples whatever the batch size
+    b = run_task("exact_match", EvalContext(model, tok, batch_size=8, seed=3), sample)
+    assert [r["completions"] for r in a.rows] == [r["completions"] for r in b.rows] and a.metrics == b.metrics
+    c = run_task("exact_match", EvalContext(model, tok, batch_size=4, seed=4), sample)
+    assert [r["completions"] for r in a.rows] != [r["completions"] for r in c.rows]
+    # top_p tiny keeps only the argmax: sampled completions are the greedy ones
+    ctx = EvalContext(model, tok, batch_size=4)
+    greedy = run_task("exact_match", ctx, opts)
+    narrow = run_task("exact_match", ctx, {**sample, "num_samples": 2, "top_p": 1e-6})
+    assert [r["completions"] for r in narrow.rows] == [[r["completion"]] * 2 for r in greedy.rows]
+    assert narrow.metrics["exact_match"] == greedy.metrics["exact_match"]
+    assert 0 <= a.metrics["exact_match"] <= a.metrics["pass_at_k"] <= 1
+
+
+def test_exact_match_sampling_options_are_checked():
+    ctx = EvalContext(create_model(load_config("tiny-minicpm4").model, seed=1, dtype=jnp.float32), byte_tokenizer())
+    with pytest.raises(ValueError, match=r"num_samples=4, top_p=1.0 need temperature > 0"):
+        run_task("exact_match", ctx, {"num_samples": 4})
+    with pytest.raises(ValueError, match=r"num_samples=0 .*; temperature=-1 .*; top_p=0 "):
+        run_task("exact_match", ctx, {"num_samples": 0, "temperature": -1, "top_p": 0})
