@@ -31,7 +31,7 @@ STORED = (
     "tch_entropy",
     "grpo_adv",
 )
-ROLLOUT_STATS = ("response_length", "truncated", "reward")
+ROLLOUT_STATS = ("response_length", "truncated", "reward", "on_policy")
 POSITION_CHUNKS = 8  # response-position chunks of the position-resolved diagnostics
 
 

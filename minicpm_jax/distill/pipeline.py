@@ -13,11 +13,13 @@ import functools
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from rich.console import Console
 
 from minicpm_jax.ckpt import is_native_checkpoint, load_any
 from minicpm_jax.config.loading import ConfigError, build_config
+from minicpm_jax.config.schema import MeshConfig
 from minicpm_jax.distill.cold_start import SFTSource, teacher_rollouts, write_rollouts
 from minicpm_jax.distill.compat import check_compatible
 from minicpm_jax.distill.losses import LossOptions
@@ -84,7 +86,7 @@ def build_prompts(recipe: DistillRecipe, tokenizer) -> list[Prompt]:
     return [Prompt(encode(p), a) for p, a in pairs]
 
 
-def run_config(recipe: DistillRecipe, student_cfg, student_dir: str, **sft):
+def run_config(recipe: DistillRecipe, student_cfg, student_dir: str, frozen: bool = True, **sft):
     """The engine's run config: rows = prompts_per_step x n of ``max_prompt + max_new - 1`` inputs; with
     ``sft`` (``seq_len``, ``rows``, ``output_dir``, ``steps``, ``learning_rate``) the cold start's SFT run."""
     ro = recipe.rollout
@@ -93,7 +95,7 @@ def run_config(recipe: DistillRecipe, student_cfg, student_dir: str, **sft):
         **recipe.train,
         "global_batch_size": ro.n * ro.prompts_per_step,
         "output_dir": recipe.output_dir,
-        "frozen": {"teacher": recipe.teacher},
+        "frozen": {"teacher": recipe.teacher} if frozen else {},
     }
     optimizer = {"schedule": "constant", "weight_decay": 0.0, "clip_norm": 1.0, **recipe.optimizer}
     seq_len = ro.max_prompt_tokens + ro.max_new_tokens - 1
@@ -144,8 +146,9 @@ def run_cold_start(recipe: DistillRecipe, prompts, student, teacher, tokenizer, 
     return out / "final"
 
 
-def distill_parts(recipe: DistillRecipe, prompts: list[Prompt], tokenizer, student_cfg):
-    """``(run config, rollout source, loss_fn)`` of the on-policy stage (what ``run_training`` takes)."""
+def distill_parts(recipe: DistillRecipe, prompts: list[Prompt], tokenizer, student_cfg, teacher=None):
+    """``(run config, rollout source, loss_fn)`` of the on-policy stage (what ``run_training`` takes);
+    ``teacher``: a teacher on its own devices (else the engine's frozen state)."""
     options = LossOptions(**recipe.loss.model_dump())
     ro = recipe.rollout
     source = RolloutSource(
@@ -158,8 +161,10 @@ def distill_parts(recipe: DistillRecipe, prompts: list[Prompt], tokenizer, stude
         k=options.k or DIAGNOSTIC_K,
         seed=recipe.seed,
         chunk_tokens=ro.chunk_tokens,
+        lmbda=ro.lmbda,
+        teacher=teacher,
     )
-    cfg = run_config(recipe, student_cfg, recipe.student)
+    cfg = run_config(recipe, student_cfg, recipe.student, frozen=teacher is None)
     loss_fn = functools.partial(opd_loss, options=options, chunk_tokens=ro.chunk_tokens, remat=cfg.train.remat)
     return cfg, source, loss_fn
 
@@ -173,9 +178,14 @@ def run_distill(recipe: DistillRecipe, console: Console | None = None) -> dict:
     console = console or Console()
     dtype, param_dtype = jnp.dtype(recipe.dtype), jnp.dtype(recipe.param_dtype)
     student_tok, teacher_tok = tokenizer_of(recipe.student), tokenizer_of(recipe.teacher)
-    mesh = make_mesh(recipe.mesh)
+    devices, split = jax.devices(), recipe.teacher_devices
+    if split and split >= len(devices):
+        raise ValueError(f"teacher_devices={split}: only {len(devices)} devices, none would be left for the student")
+    student_devices = devices[: len(devices) - split]
+    mesh = make_mesh(recipe.mesh, student_devices)
+    teacher_mesh = make_mesh(MeshConfig(fsdp=split), devices[len(devices) - split :]) if split else mesh
     student_cfg, student = load_any(recipe.student, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
-    teacher_cfg, teacher = load_any(recipe.teacher, mesh=mesh, dtype=dtype, param_dtype=dtype)
+    teacher_cfg, teacher = load_any(recipe.teacher, mesh=teacher_mesh, dtype=dtype, param_dtype=dtype)
     check_compatible(student_cfg, teacher_cfg, student_tok, teacher_tok)
     prompts = build_prompts(recipe, student_tok)
     if recipe.cold_start.enabled:
@@ -184,7 +194,9 @@ def run_distill(recipe: DistillRecipe, console: Console | None = None) -> dict:
             raise ValueError(f"cold_start.num_prompts={len(cold)} leaves no prompt for the distillation")
         sft = run_cold_start(recipe, cold, student, teacher, student_tok, console)
         student = load_any(sft, mesh=mesh, dtype=dtype, param_dtype=param_dtype)[1]
-    cfg, source, loss_fn = distill_parts(recipe, prompts, student_tok, student_cfg)
+    own = teacher if split else None  # a teacher on its own devices is the source's, not the engine's
+    cfg, source, loss_fn = distill_parts(recipe, prompts, student_tok, student_cfg, teacher=own)
+    frozen = None if split else {"teacher": teacher}
     return run_training(
-        cfg, loss_fn=loss_fn, model=student, frozen={"teacher": teacher}, source=source, console=console
+        cfg, loss_fn=loss_fn, model=student, frozen=frozen, source=source, console=console, devices=student_devices
     )

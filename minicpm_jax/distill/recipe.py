@@ -66,6 +66,7 @@ class RolloutConfig(_Strict):
     max_prompt_tokens: StrictInt = 32
     max_new_tokens: StrictInt = 64
     chunk_tokens: StrictInt = 1024  # tokens per chunk of the scoring and of the loss
+    lmbda: float = 1.0  # GKD: share of steps sampled from the student (1 = strictly on-policy)
 
 
 # the recipe's ``loss`` section: the fields of ``distill.losses.LossOptions`` (checked by ``check_options``)
@@ -90,6 +91,7 @@ class DistillRecipe(_Strict):
     loss: LossConfig = LossConfig()
     optimizer: dict[str, Any] = {}
     train: dict[str, Any] = {}
+    teacher_devices: StrictInt = 0  # > 0: the teacher on the last N devices, the student on the others
 
 
 def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
@@ -118,6 +120,24 @@ def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
         raise ConfigError(
             [f"prompts.ood_ratio={pc.ood_ratio}: needs 0 <= ratio < 1 and prompt sets of both provenances"], str(path)
         )
+    problems = []
+    direct = recipe.loss.loss in ("full_vocab_rkl", "gkd_jsd", "forward_kl_teacher_topk")
+    if not 0 < recipe.rollout.lmbda <= 1:
+        problems.append(f"rollout.lmbda={recipe.rollout.lmbda}: needs 0 < lmbda <= 1")
+    elif recipe.rollout.lmbda < 1 and not direct:
+        problems.append(
+            f"rollout.lmbda={recipe.rollout.lmbda} mixes teacher samples, but loss {recipe.loss.loss!r} is an on-policy "
+            "policy-gradient estimator; use gkd_jsd, full_vocab_rkl or forward_kl_teacher_topk"
+        )
+    if recipe.teacher_devices < 0:
+        problems.append(f"teacher_devices={recipe.teacher_devices}: needs >= 0")
+    elif recipe.teacher_devices and recipe.loss.loss in ("full_vocab_rkl", "gkd_jsd"):
+        problems.append(
+            f"teacher_devices={recipe.teacher_devices}: loss {recipe.loss.loss!r} reads full-vocabulary teacher "
+            "logits inside the train step; a teacher on its own devices serves only the top-k losses"
+        )
+    if problems:
+        raise ConfigError(problems, str(path))
     base = path.resolve().parent
     sets = tuple(s.model_copy(update=resolve_task_paths({"path": s.path}, base)) for s in pc.sets)
     return recipe.model_copy(update={"prompts": pc.model_copy(update={"sets": sets})})

@@ -4,7 +4,10 @@ out ``n`` responses per prompt from the *current* student parameters, scores the
 
 Prompts of step s are ``prompts[(s-1)·P : s·P]`` (cyclic) and the sampling key is
 ``fold_in(key(seed), s)``: a batch depends only on the step and the parameters, so a resumed run
-rebuilds exactly the batches it would have seen (the source has no state to checkpoint).
+rebuilds exactly the batches it would have seen (the source has no state to checkpoint). With
+``lmbda < 1`` (GKD's mixing) a step samples from the teacher instead with probability ``1 - lmbda``.
+With ``teacher`` given, the teacher lives on its own devices (not in the engine's frozen state) and
+only token ids and ``[B, T, k]`` arrays move between the two meshes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from minicpm_jax.distill.scores import score_rollouts
+from minicpm_jax.distill.scores import score_on_two_meshes, score_rollouts
 from minicpm_jax.generate.engine import generate
 from minicpm_jax.generate.sampling import SamplingParams
 from minicpm_jax.train.sources import global_batch
@@ -57,6 +60,8 @@ class RolloutSource:
         k: int,
         seed: int = 0,
         chunk_tokens: int = 1024,
+        lmbda: float = 1.0,
+        teacher=None,
     ):
         long = [i for i, p in enumerate(prompts) if len(p.ids) > max_prompt_tokens]
         if long:
@@ -70,6 +75,7 @@ class RolloutSource:
         self.n, self.per_step, self.k, self.seed, self.chunk = n, prompts_per_step, k, seed, chunk_tokens
         self.width = max_prompt_tokens + max_new_tokens
         self.max_new_tokens = max_new_tokens
+        self.lmbda, self.teacher = lmbda, teacher
 
     @property
     def rows(self) -> int:
@@ -111,18 +117,26 @@ class RolloutSource:
         }
         return batch, texts
 
+    def on_policy(self, step: int) -> bool:
+        """GKD's mixing: step ``step`` samples from the student with probability ``lmbda``, else from the teacher."""
+        draw = jax.random.uniform(jax.random.fold_in(jax.random.key(self.seed + 1), step))
+        return self.lmbda >= 1.0 or float(draw) < self.lmbda
+
     def next_batch(self, step: int, trainer) -> dict:
-        batch, _ = self.rollout(step, trainer.model())
+        on_policy = self.on_policy(step)
+        teacher = self.teacher
+        if not on_policy and teacher is None:
+            teacher = trainer.frozen.value()["teacher"]
+        batch, _ = self.rollout(step, trainer.model() if on_policy else teacher)
+        batch["on_policy"] = np.full(len(batch["reward"]), float(on_policy), np.float32)
         placed = global_batch(trainer.mesh, batch)
-        scores = score_rollouts(
-            trainer.graphdef,
-            trainer.frozen.graphdef,
-            trainer.state["params"],
-            trainer.frozen.arrays,
-            {"input_ids": placed["input_ids"], "targets": placed["targets"]},
-            self.k,
-            self.chunk,
-        )
+        ids = {"input_ids": placed["input_ids"], "targets": placed["targets"]}
+        params = trainer.state["params"]
+        if self.teacher is not None:  # the teacher on its own devices
+            scores = score_on_two_meshes(trainer.graphdef, params, self.teacher, ids, self.k, self.chunk, trainer.mesh)
+        else:
+            f = trainer.frozen
+            scores = score_rollouts(trainer.graphdef, f.graphdef, params, f.arrays, ids, self.k, self.chunk)
         return {**placed, **scores}
 
     def get_state(self) -> dict:

@@ -69,3 +69,54 @@ def score_rollouts(student_def, frozen_def, student_params, frozen_arrays, batch
 
     out = jax.lax.map(chunk, tuple(token_chunks(a, chunk_tokens) for a in (hs, ht, targets)))
     return jax.tree.map(lambda x: jax.lax.stop_gradient(from_token_chunks(x, ids.shape[1])), out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def model_scores(graphdef, params, batch, other_ids, k: int, chunk_tokens: int) -> dict[str, jax.Array]:
+    """One model's half of the scores (``logp_tok``, ``topk_ids``, ``topk_logp``, ``entropy``, and
+    ``logp_on_other`` at ``other_ids [B, T, K]`` if given), for a teacher on its own devices."""
+    model = nnx.merge(graphdef, params)
+    ids, targets = batch["input_ids"], batch["targets"]
+    xs = (model.hidden_states(ids), targets) + (() if other_ids is None else (other_ids,))
+
+    def chunk(c):
+        logp = jax.nn.log_softmax(model.logits(c[0]), axis=-1)
+        topk_logp, topk_ids = jax.lax.top_k(logp, k)
+        out = {
+            "logp_tok": _at(logp, c[1][..., None])[..., 0],
+            "topk_ids": topk_ids.astype(jnp.int32),
+            "topk_logp": topk_logp,
+            "entropy": _entropy(logp),
+        }
+        return out | ({"logp_on_other": _at(logp, c[2])} if len(c) > 2 else {})
+
+    out = jax.lax.map(chunk, tuple(token_chunks(a, chunk_tokens) for a in xs))
+    return jax.tree.map(lambda x: jax.lax.stop_gradient(from_token_chunks(x, ids.shape[1])), out)
+
+
+def score_on_two_meshes(student_def, student_params, teacher, batch, k: int, chunk_tokens: int, student_mesh):
+    """The arrays of ``score_rollouts`` with the teacher on its own mesh: the student's top-k (pass 1),
+    the teacher on the same ids and at those top-k ids (only ``[B, T]`` ids and ``[B, T, k]`` arrays
+    cross between the meshes), then the student at the teacher's top-k (pass 2)."""
+    from minicpm_jax.sharding import mesh_of
+    from minicpm_jax.train.sources import global_batch
+
+    t_def, t_params = nnx.split(teacher)
+    stu = model_scores(student_def, student_params, batch, None, k, chunk_tokens)
+    to_teacher = global_batch(mesh_of(t_params), {**batch, "other": stu["topk_ids"]})
+    tch = model_scores(
+        t_def,
+        t_params,
+        {"input_ids": to_teacher["input_ids"], "targets": to_teacher["targets"]},
+        to_teacher["other"],
+        k,
+        chunk_tokens,
+    )
+    tch = global_batch(student_mesh, tch)
+    back = model_scores(student_def, student_params, batch, tch["topk_ids"], k, chunk_tokens)["logp_on_other"]
+    return {
+        **{f"stu_{name}": v for name, v in stu.items()},
+        "stu_logp_on_tch_ids": back,
+        **{f"tch_{name}": v for name, v in tch.items() if name != "logp_on_other"},
+        "tch_logp_on_stu_ids": tch["logp_on_other"],
+    }

@@ -70,14 +70,16 @@ def run_training(
     trainable=None,
     source: BatchSource | None = None,
     console: Console | None = None,
+    devices=None,
 ) -> dict:
     """Train ``cfg`` (resuming from ``train.output_dir`` if it holds checkpoints); returns a summary.
 
     ``frozen`` defaults to the models of ``cfg.train.frozen``; ``trainable`` overrides
-    ``cfg.train.trainable``; ``source`` defaults to the grain pipeline of ``cfg.data``.
+    ``cfg.train.trainable``; ``source`` defaults to the grain pipeline of ``cfg.data``; ``devices``
+    (default all) are the devices of the mesh.
     """
     console = console or Console()
-    run = prepare_run(cfg, loss_fn, model, frozen, trainable, source, console)
+    run = prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices)
     try:
         _restore(run, console)
         return _train(run, console)
@@ -87,10 +89,10 @@ def run_training(
         run.monitor.logger.close()
 
 
-def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console) -> Run:
-    """Mesh, weights, frozen state, data, trainer, checkpointer and monitor of a run."""
+def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices=None) -> Run:
+    """Mesh (over ``devices``, default all), weights, frozen state, data, trainer, checkpointer and monitor."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(cfg.mesh, devices)
     check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     if model is None and tc.init_from:
