@@ -102,7 +102,7 @@ def run_config(recipe: DistillRecipe, student_cfg, student_dir: str, frozen: boo
     if sft:
         seq_len = sft["seq_len"]
         train |= {"global_batch_size": sft["rows"], "output_dir": sft["output_dir"], "steps": sft["steps"]}
-        train |= {"frozen": {}, "eval_every": 0}
+        train |= {"frozen": {}, "eval_every": 0, "eval_tasks": {}}
         optimizer |= {"learning_rate": sft["learning_rate"]}
     raw = {
         "model": student_cfg.model_dump(mode="json"),
