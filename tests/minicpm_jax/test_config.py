@@ -178,8 +178,9 @@ def test_cli_preset_unknown_name_lists_presets(spelling):
         load_recipe(RECIPES / "pretrain-tiny.yaml", [f"{spelling}=[1, 2]"])
 
 
-# training recipes (eval-*.yaml are `minicpm-jax eval` recipes, loaded by tests/minicpm_jax/eval/test_eval_cli.py)
-TRAIN_RECIPES = [p for p in sorted(RECIPES.glob("*.yaml")) if not p.name.startswith("eval-")]
+# training recipes (eval-*, convert-*, distill-* are recipes of those commands, loaded by
+# tests/minicpm_jax/eval/test_eval_cli.py and tests/minicpm_jax/test_recipes.py)
+TRAIN_RECIPES = sorted(RECIPES.glob("pretrain-*.yaml"))
 
 
 @pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: p.stem)
