@@ -44,6 +44,11 @@ class LossOptions:
     beta: float = 0.5
     coef: float = 1.0
     grpo_weight: float = 0.0
+    # student_topk: subtract the support-weighted mean advantage per position. With student_p weights the
+    # update is then exactly the gradient of KL(p̄ || q̄) renormalised on the support, and the support's
+    # total student probability stays fixed to first order (without it, a support the teacher rates below
+    # the student everywhere leaks mass to the unscored tail). False = the paper's code.
+    renormalize: bool = False
 
 
 def check_options(options: LossOptions) -> None:
@@ -57,8 +62,8 @@ def check_options(options: LossOptions) -> None:
         problems.append(f"unknown weight_mode {o.weight_mode!r}; expected one of {WEIGHT_MODES}")
     if o.support not in SUPPORTS:
         problems.append(f"unknown support {o.support!r}; expected one of {SUPPORTS}")
-    if o.loss != "student_topk" and (o.weight_mode, o.support) != ("student_p", "student"):
-        problems.append(f"weight_mode/support apply to loss 'student_topk' only, not {o.loss!r}")
+    if o.loss != "student_topk" and ((o.weight_mode, o.support) != ("student_p", "student") or o.renormalize):
+        problems.append(f"weight_mode/support/renormalize apply to loss 'student_topk' only, not {o.loss!r}")
     k_min = 1 if o.loss in _TOPK_LOSSES else 0
     if isinstance(o.k, bool) or not isinstance(o.k, int) or o.k < k_min:
         problems.append(f"k must be an int >= {k_min} for loss {o.loss!r}, got {o.k!r}")
@@ -125,8 +130,12 @@ def advantages(stored: dict, options: LossOptions) -> dict[str, jax.Array]:
             # softmax over the support's valid columns; sym_diff keeps raw probabilities (spec §5 step 4).
             # weight_mode "none" is 1 on every valid column, never renormalised.
             w = jnp.where(valid, jnp.exp(lw if o.support == "sym_diff" else masked_log_softmax(lw, valid)), 0.0)
+        gap = cq - clp
+        if o.renormalize:
+            total = jnp.sum(w, axis=-1, keepdims=True)
+            gap = gap - jnp.sum(w * gap, axis=-1, keepdims=True) / jnp.where(total > 0, total, 1.0)
         ids.append(cid)
-        adv.append(o.coef * w * (cq - clp))
+        adv.append(o.coef * w * gap)
     if o.grpo_weight > 0:
         ids.append(st["sampled"][:, None])
         adv.append(o.grpo_weight * st["grpo_adv"][:, None])

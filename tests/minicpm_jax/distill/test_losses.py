@@ -329,3 +329,33 @@ def test_shape_and_input_errors(toy):
         chunk_loss(*args, LossOptions(k=4))
     with pytest.raises(ValueError, match="needs teacher_logp"):
         chunk_loss(*args, LossOptions(loss="gkd_jsd", k=0))
+
+
+def test_renormalized_student_topk_is_the_gradient_of_the_support_renormalised_kl(toy):
+    # renormalize=True: on the fixed support S = the stored student top-K, the update is exactly the
+    # gradient of KL(p̄ || q̄) with both distributions renormalised on S; the paper's form is not, and
+    # at K = V (P(S) = 1) the two coincide.
+    stu, tch, _ = toy
+    st = to_jax(make_stored(stu, tch, K, np.random.default_rng(0)))
+    sid, lq = st["stu_topk_ids"], jnp.asarray(log_softmax(tch), jnp.float32)
+
+    def support_kl(logits):
+        lp = jax.nn.log_softmax(logits)
+        lp_s, lq_s = jnp.take_along_axis(lp, sid, -1), jnp.take_along_axis(lq, sid, -1)
+        lp_bar = lp_s - jax.nn.logsumexp(lp_s, -1, keepdims=True)
+        lq_bar = lq_s - jax.nn.logsumexp(lq_s, -1, keepdims=True)
+        return jnp.sum(jnp.asarray(MASK) * jnp.sum(jnp.exp(lp_bar) * (lp_bar - lq_bar), -1))
+
+    want = np.asarray(jax.grad(support_kl)(jnp.asarray(stu, jnp.float32)))
+    got = grad_logits(stu, st, MASK, LossOptions(loss="student_topk", k=K, renormalize=True))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    paper = grad_logits(stu, st, MASK, LossOptions(loss="student_topk", k=K))
+    assert np.abs(paper - want).max() > 1e-3
+    full = to_jax(make_stored(stu, tch, V, np.random.default_rng(0)))
+    np.testing.assert_allclose(
+        grad_logits(stu, full, MASK, LossOptions(loss="student_topk", k=V, renormalize=True)),
+        grad_logits(stu, full, MASK, LossOptions(loss="student_topk", k=V)),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="renormalize apply to loss 'student_topk' only"):
+        check_options(LossOptions(loss="sampled", k=0, renormalize=True))
