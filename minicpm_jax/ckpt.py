@@ -41,7 +41,7 @@ def save_model(
     With a tokenizer, a ``generation_config.json`` naming its eos id is written unless one was copied.
     """
     directory = Path(directory).resolve()
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, replaceable=is_native_checkpoint) as tmp:
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     return 0

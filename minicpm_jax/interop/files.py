@@ -6,7 +6,7 @@ import contextlib
 import json
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -14,9 +14,24 @@ SINGLE_NAME = "model.safetensors"
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``target``; on success it replaces ``target``, on error it is removed."""
+def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; on success it replaces ``target``, on error it is removed.
+
+    An existing non-empty ``target`` is replaced only when ``replaceable(target)`` says it is an earlier
+    output of the same kind (e.g. a checkpoint being rewritten); anything else raises ``FileExistsError``
+    before any work, so a wrong output path never deletes a user's files.
+    """
     target = Path(target).resolve()
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (replaceable and replaceable(target))):
+        what = (
+            "a file"
+            if target.is_file()
+            else f"a non-empty directory ({', '.join(sorted(p.name for p in target.iterdir())[:5])})"
+        )
+        raise FileExistsError(
+            f"{target} is {what} that is not an earlier output of this kind; choose a new or empty directory "
+            "(nothing was written)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -30,6 +45,12 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def is_hf_checkpoint(directory: str | Path) -> bool:
+    """A Hugging Face checkpoint directory: ``config.json`` and safetensors weights."""
+    directory = Path(directory)
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
 
 
 def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[tuple[str, list[str]]]:

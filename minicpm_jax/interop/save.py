@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from minicpm_jax.config.schema import ModelConfig
-from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, plan_shards, write_json
+from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, is_hf_checkpoint, plan_shards, write_json
 from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
 
@@ -63,7 +63,7 @@ def save_hf_checkpoint(
             host = host * np.float32(scale)
         return np.ascontiguousarray(to_hf(host, entries[src]).astype(NUMPY_DTYPES[dtype]))
 
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, replaceable=is_hf_checkpoint) as tmp:
         shards = plan_shards(sizes, max_shard_bytes)
         for filename, keys in shards:
             save_file({k: tensor(k) for k in keys}, str(tmp / filename), metadata={"format": "pt"})

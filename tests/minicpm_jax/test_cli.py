@@ -87,6 +87,20 @@ def test_export_import_commands(capsys, tmp_path):
     assert code == 2 and "takes the model from its checkpoint" in out
 
 
+def test_outputs_never_replace_other_files(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    for command in (["export-hf", "tiny-minicpm4", str(run_dir)], ["import-hf", str(tmp_path / "hf"), str(run_dir)]):
+        if command[0] == "import-hf":
+            assert run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"))[0] == 0
+        code, out = run(capsys, *command)
+        assert code == 2 and "not an earlier output of this kind" in out and "nothing was written" in out, out
+        assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    code, _ = run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"), "seed=4")  # an earlier export: replaced
+    assert code == 0 and sorted(p.name for p in (tmp_path / "hf").iterdir() if p.suffix == ".safetensors")
+
+
 @pytest.mark.torch
 def test_demo_runs_end_to_end(tmp_path, capsys):
     pytest.importorskip("torch")
