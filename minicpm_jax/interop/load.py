@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
