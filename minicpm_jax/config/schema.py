@@ -8,12 +8,13 @@ problem (unknown keys, wrong types, rule violations) into one ``ConfigError``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 MIXER_TYPES = ("minicpm4", "lightning-attn")
 DTYPES = ("float32", "bfloat16", "float16")
+PositiveInt = Annotated[StrictInt, Field(gt=0)]  # sizes, counts and intervals: 0 or less is always a mistake
 
 
 class _Strict(BaseModel):
@@ -61,15 +62,15 @@ class ModelConfig(_Strict):
         return data
 
     model_type: Literal["minicpm", "minicpm_sala"] = "minicpm"
-    vocab_size: StrictInt = 32000
-    hidden_size: StrictInt = 4096
-    intermediate_size: StrictInt = 11008
-    num_hidden_layers: StrictInt = 32
-    num_attention_heads: StrictInt = 32
+    vocab_size: PositiveInt = 32000
+    hidden_size: PositiveInt = 4096
+    intermediate_size: PositiveInt = 11008
+    num_hidden_layers: PositiveInt = 32
+    num_attention_heads: PositiveInt = 32
     num_key_value_heads: StrictInt = 32
     head_dim: StrictInt | None = None
     hidden_act: Literal["silu"] = "silu"
-    max_position_embeddings: StrictInt = 2048
+    max_position_embeddings: PositiveInt = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -177,7 +178,7 @@ class DataConfig(_Strict):
     tokenizer: str | None = None  # a Hugging Face tokenizer.json (file or directory); None = byte-level
     synthetic_tasks: tuple[Literal["arithmetic", "kv_recall", "copy"], ...] = ("arithmetic", "kv_recall", "copy")
     synthetic_documents: StrictInt = 20000
-    seq_len: StrictInt = 128
+    seq_len: PositiveInt = 128
     packing: Literal["first_fit", "none"] = "first_fit"  # none: one document (chunk) per padded row
     shuffle: StrictBool = True
     seed: StrictInt = 0
@@ -187,7 +188,7 @@ class DataConfig(_Strict):
 class OptimizerConfig(_Strict):
     """AdamW with MiniCPM's muP learning-rate rule, weight-decay mask, clipping and schedule."""
 
-    learning_rate: float = 1e-2  # base LR (muP: matrices get base / (hidden/dim_model_base))
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-2  # base LR (muP: matrices get base / (hidden/dim_model_base))
     schedule: Literal["wsd_exp", "wsd_linear", "cosine", "constant"] = "wsd_exp"
     warmup_steps: StrictInt = 0
     decay_steps: StrictInt = 0  # length of the decay phase at the end of training
@@ -206,15 +207,15 @@ class OptimizerConfig(_Strict):
 class TrainConfig(_Strict):
     """Steps, batch, accumulation, remat, checkpoints, logging and failure handling."""
 
-    steps: StrictInt = 100
-    global_batch_size: StrictInt = 8  # rows of seq_len tokens per optimizer step, all hosts
-    micro_batches: StrictInt = 1  # gradient accumulation: global batch split into this many scans
+    steps: PositiveInt = 100
+    global_batch_size: PositiveInt = 8  # rows of seq_len tokens per optimizer step, all hosts
+    micro_batches: PositiveInt = 1  # gradient accumulation: global batch split into this many scans
     remat: Literal["none", "dots_saveable", "full"] = "none"
-    loss_chunk_size: StrictInt = 1024  # tokens per chunk of the cross-entropy (never all [B,T,V] at once)
+    loss_chunk_size: PositiveInt = 1024  # tokens per chunk of the cross-entropy (never all [B,T,V] at once)
     output_dir: str = "runs/default"
-    checkpoint_every: StrictInt = 100
-    keep_checkpoints: StrictInt = 3
-    log_every: StrictInt = 10
+    checkpoint_every: PositiveInt = 100
+    keep_checkpoints: PositiveInt = 3
+    log_every: PositiveInt = 10
     eval_every: StrictInt = 0  # 0 = only at the end
     # minicpm_jax.eval tasks run at every evaluation ({label: options}, as in eval recipes' `tasks`)
     eval_tasks: dict[str, dict] = {}

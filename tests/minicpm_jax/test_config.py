@@ -209,3 +209,24 @@ def test_tiny_recipes_differ_only_in_preset_and_output_dir():
         assert cfg.model == load_config(preset).model.model_copy(update={"vocab_size": 320})
         assert cfg.train == tiny.train.model_copy(update={"output_dir": f"runs/{name}"})
         assert (cfg.data, cfg.mesh, cfg.optimizer, cfg.dtype) == (tiny.data, tiny.mesh, tiny.optimizer, tiny.dtype)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.checkpoint_every=0",
+        "train.log_every=0",
+        "train.loss_chunk_size=0",
+        "train.keep_checkpoints=0",
+        "train.steps=-1",
+        "data.seq_len=0",
+        "optimizer.learning_rate=-0.01",
+        "model.num_hidden_layers=0",
+        "model.intermediate_size=-4",
+    ],
+)
+def test_non_positive_sizes_and_intervals_name_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match="greater than 0") as info:
+        load_recipe(RECIPES / "pretrain-tiny.yaml", [override])
+    assert any(line.startswith(key) and "greater than 0" in line for line in info.value.errors), info.value.errors
