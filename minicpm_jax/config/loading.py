@@ -76,10 +76,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     new preset, and ``model.<field>=...`` overrides win over everything, wherever they appear on the
     command line. If several presets are given on the command line, the last one is used.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"recipe: no file {str(path)!r}"])
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_recipe_yaml(path)
     cli_preset, overrides = split_preset_overrides(overrides)
     model = raw.get("model", {})
     model = {"preset": model} if isinstance(model, str) else dict(model)
@@ -88,6 +85,22 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if "preset" in model:
         model = {**read_model_preset(model.pop("preset")), **model}
     return build_config(apply_overrides({**raw, "model": model}, overrides))
+
+
+def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a recipe file (empty file: ``{}``); one clear error when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"recipe: no file {str(path)!r}"])
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def validate_recipe(raw: Mapping[str, Any], schema: type[BaseModel], source: str):
+    """``schema`` validated from ``raw``, every problem in one ``ConfigError`` (as ``build_config``)."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, schema) for err in e.errors()], source) from None
 
 
 def split_preset_overrides(overrides: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -156,6 +169,8 @@ def _describe(err: dict, schema: type[BaseModel], prefix: str = "") -> str:
 
 def _section(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
+        if isinstance(part, int):  # an item of a list / tuple of sections
+            continue
         field = schema.model_fields.get(str(part))
         if field is None:
             return None

@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, StrictBool, StrictInt, ValidationError
+from pydantic import Field, StrictBool, StrictInt
 
-from minicpm_jax.config.loading import ConfigError, apply_overrides, build_config
+from minicpm_jax.config.loading import ConfigError, apply_overrides, build_config, read_recipe_yaml, validate_recipe
 from minicpm_jax.config.schema import DTYPES, Config, MeshConfig, ModelConfig, SparseConfig, _Strict
 
 LOSSES = ("align", "kl", "lm")
@@ -88,19 +87,12 @@ def _stage_overrides(raw: dict, overrides) -> list[str]:
 def load_convert_recipe(path: str | Path, overrides=()) -> ConvertRecipe:
     """A validated recipe from YAML plus dotted overrides; every stage's run config is checked too."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"recipe: no file {str(path)!r}"])
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_recipe_yaml(path)
     overrides = _stage_overrides(raw, overrides)
     raw["stages"] = {str(i): s for i, s in enumerate(raw.get("stages") or [])}
     raw = apply_overrides(raw, overrides)
     raw["stages"] = [raw["stages"][k] for k in sorted(raw["stages"], key=int)]
-    try:
-        recipe = ConvertRecipe.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(
-            [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()], str(path)
-        ) from None
+    recipe = validate_recipe(raw, ConvertRecipe, str(path))
     errors = []
     if any(s.loss == "align" for s in recipe.stages[1:]):
         errors.append("stages: an 'align' stage (stage 1, hidden-state alignment) can only be the first stage")

@@ -11,10 +11,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-import yaml
-from pydantic import StrictBool, StrictInt, ValidationError, create_model
+from pydantic import StrictBool, StrictInt, create_model
 
-from minicpm_jax.config.loading import ConfigError, apply_overrides
+from minicpm_jax.config.loading import ConfigError, apply_overrides, read_recipe_yaml, validate_recipe
 from minicpm_jax.config.schema import DTYPES, MeshConfig, _Strict
 from minicpm_jax.distill.losses import LossOptions, check_options
 
@@ -100,15 +99,8 @@ def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
     from minicpm_jax.eval.loading import resolve_task_paths
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"recipe: no file {str(path)!r}"])
-    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
-    try:
-        recipe = DistillRecipe.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(
-            [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()], str(path)
-        ) from None
+    raw = apply_overrides(read_recipe_yaml(path), overrides)
+    recipe = validate_recipe(raw, DistillRecipe, str(path))
     check_options(LossOptions(**recipe.loss.model_dump()))
     pc = recipe.prompts
     if "{prompt}" not in pc.template:
