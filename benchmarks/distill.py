@@ -37,10 +37,11 @@ from minicpm_jax.ckpt import config_of, load_any
 from minicpm_jax.config.schema import MeshConfig
 from minicpm_jax.distill.losses import LossOptions
 from minicpm_jax.distill.objective import opd_loss
-from minicpm_jax.distill.pipeline import DIAGNOSTIC_K, build_prompts, distill_parts, run_config, tokenizer_of
+from minicpm_jax.distill.pipeline import DIAGNOSTIC_K, build_prompts, distill_parts, run_config
 from minicpm_jax.distill.plan import rollout_batch_fields
 from minicpm_jax.distill.recipe import load_distill_recipe
 from minicpm_jax.distill.scores import score_rollouts
+from minicpm_jax.eval.loading import tokenizer_of
 from minicpm_jax.info import human_bytes
 from minicpm_jax.model.factory import abstract_model
 from minicpm_jax.sharding import make_mesh

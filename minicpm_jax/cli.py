@@ -291,6 +291,8 @@ EVAL_RECIPE_KEYS = ("tasks", "batch_size", "seed", "output_dir", "mesh", "dtype"
 def _eval_recipe(args) -> tuple[dict, dict]:
     """``(recipe, run-config overrides)`` of ``eval``: the recipe YAML (if any) with ``tasks.*``
     overrides applied, relative data paths resolved against the recipe's folder, ``--tasks`` chosen."""
+    from minicpm_jax.eval.loading import resolve_task_paths
+
     recipe: dict = {}
     base = Path.cwd()
     if args.config:
@@ -312,23 +314,11 @@ def _eval_recipe(args) -> tuple[dict, dict]:
         tasks = {t: tasks.get(t, {}) for t in chosen}
     if not tasks:
         raise ValueError("eval: no tasks (give --tasks name,... or a --config recipe with tasks: {name: options})")
-    for options in tasks.values():
-        for key in ("path", "paths"):
-            value = (options or {}).get(key)
-            if isinstance(value, str):
-                options[key] = _recipe_path(value, base)
-            elif isinstance(value, list):
-                options[key] = [_recipe_path(v, base) for v in value]
+    tasks = {label: resolve_task_paths(options, base) for label, options in tasks.items()}
     run = {k: recipe[k] for k in ("mesh", "dtype", "param_dtype") if k in recipe}
     if "seed" in recipe:
         run["seed"] = recipe["seed"]
     return recipe | {"tasks": tasks}, run
-
-
-def _recipe_path(value: str, base: Path) -> str:
-    """A relative data path: beside the recipe when it exists there, else as given (from the cwd)."""
-    path = Path(value)
-    return str(base / path) if not path.is_absolute() and (base / path).exists() else value
 
 
 def cmd_eval(args) -> None:

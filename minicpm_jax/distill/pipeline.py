@@ -26,16 +26,9 @@ from minicpm_jax.distill.losses import LossOptions
 from minicpm_jax.distill.objective import opd_loss
 from minicpm_jax.distill.recipe import DistillRecipe
 from minicpm_jax.distill.rollout import Prompt, RolloutSource
+from minicpm_jax.eval.loading import tokenizer_of
 
 DIAGNOSTIC_K = 16  # top-k scored for the diagnostics when the loss itself needs none (sampled, k = 0)
-
-
-def tokenizer_of(source: str):
-    """The tokenizer saved with a checkpoint directory (the byte-level one for a preset)."""
-    from minicpm_jax.eval.loading import byte_tokenizer
-    from minicpm_jax.generate.text import load_tokenizer
-
-    return load_tokenizer(source) if Path(source).is_dir() else byte_tokenizer()
 
 
 def _read_set(ps) -> list[tuple[str, str | None]]:

@@ -23,6 +23,13 @@ def byte_tokenizer():
         return load_tokenizer(tmp)
 
 
+def tokenizer_of(source: str | Path):
+    """The tokenizer saved with a checkpoint directory; the byte-level one for a preset (none is saved)."""
+    from minicpm_jax.generate.text import load_tokenizer
+
+    return load_tokenizer(source) if Path(source).is_dir() else byte_tokenizer()
+
+
 def data_tokenizer(source: str | None):
     """The tokenizer of a run's ``data.tokenizer`` (a ``tokenizer.json`` file or its directory; None:
     byte-level) as evaluation tasks take it."""
@@ -48,12 +55,7 @@ def load_model_and_tokenizer(
     from minicpm_jax.data.tokenizer import check_vocab
     from minicpm_jax.generate.text import load_tokenizer
 
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    elif Path(source).is_dir():
-        tok = load_tokenizer(source)
-    else:
-        tok = byte_tokenizer()
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else tokenizer_of(source)
     cfg, model = load_any(source, mesh=mesh, dtype=dtype, param_dtype=param_dtype, seed=seed)
     check_vocab(tok, cfg.vocab_size, where=f"tokenizer of {tokenizer or source} (--tokenizer DIR)")
     return cfg, model, tok

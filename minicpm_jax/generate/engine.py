@@ -210,7 +210,6 @@ def _row_keys(rng, batch: int, rows: int) -> jax.Array:
     return jnp.concatenate([keys, jnp.repeat(keys[:1], rows - batch)])
 
 
-
 def _data_parallel(mesh) -> int:
     return 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
 

@@ -55,6 +55,7 @@ def prepare_frozen(frozen, mesh: Mesh) -> Frozen:
         return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
 
     shardings = nnx.to_pure_dict(jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
     def place(x, s):  # abstract leaves (memory plans) stay abstract
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
