@@ -28,8 +28,8 @@ from rich.console import Console
 from minicpm_jax.ckpt import BYTE_TOKENIZER, is_native_checkpoint, load_any, save_model
 from minicpm_jax.convert.losses import alignment_loss, kl_loss
 from minicpm_jax.convert.recipe import ConvertRecipe, StageConfig, stage_config
-from minicpm_jax.convert.select import candidate_layers, select_layers, softmax_budget, write_selection
-from minicpm_jax.convert.transfer import LIGHTNING, SOFTMAX, check_mixer_types, check_teacher, replace_mixers, transfer
+from minicpm_jax.convert.select import initial_mixer_types, select_layers, write_selection
+from minicpm_jax.convert.transfer import LIGHTNING, check_teacher, replace_mixers, transfer
 from minicpm_jax.eval.report import atomic_write_text
 from minicpm_jax.model.factory import create_model
 from minicpm_jax.sharding import make_mesh
@@ -84,13 +84,7 @@ class Conversion:
         )
         check_teacher(self.teacher_cfg)
         self._check_vocab()
-        cv, n = recipe.convert, self.teacher_cfg.num_hidden_layers
-        if cv.mixer_types is not None:
-            self.initial_types = check_mixer_types(self.teacher_cfg, cv.mixer_types)
-        else:
-            softmax_budget(n, cv.softmax_ratio, cv.keep_first_last)
-            candidates = candidate_layers(n, cv.keep_first_last)
-            self.initial_types = tuple(LIGHTNING if i in candidates else SOFTMAX for i in range(n))
+        self.initial_types = initial_mixer_types(recipe.convert, self.teacher_cfg)
 
     def _check_vocab(self) -> None:
         from minicpm_jax.data.tokenizer import check_vocab

@@ -14,18 +14,9 @@ from minicpm_jax.ckpt import config_of
 from minicpm_jax.config.schema import MeshConfig
 from minicpm_jax.convert.pipeline import stage_loss, stage_trainable, with_sparse
 from minicpm_jax.convert.recipe import ConvertRecipe, stage_config
-from minicpm_jax.convert.select import candidate_layers, softmax_budget
-from minicpm_jax.convert.transfer import LIGHTNING, SOFTMAX, check_teacher, hybrid_config
+from minicpm_jax.convert.select import initial_mixer_types
+from minicpm_jax.convert.transfer import check_teacher, hybrid_config
 from minicpm_jax.train.plan import PlanRow, plan_train_memory
-
-
-def planned_mixer_types(recipe: ConvertRecipe, num_layers: int) -> tuple[str, ...]:
-    cv = recipe.convert
-    if cv.mixer_types is not None:
-        return tuple(cv.mixer_types)
-    softmax_budget(num_layers, cv.softmax_ratio, cv.keep_first_last)
-    candidates = candidate_layers(num_layers, cv.keep_first_last)
-    return tuple(LIGHTNING if i in candidates else SOFTMAX for i in range(num_layers))
 
 
 def plan_conversion(
@@ -38,7 +29,7 @@ def plan_conversion(
     cv = recipe.convert
     hybrid = hybrid_config(
         teacher,
-        planned_mixer_types(recipe, teacher.num_hidden_layers),
+        initial_mixer_types(cv, teacher),
         nope=cv.nope,
         output_gate=cv.output_gate,
         overrides=cv.model,

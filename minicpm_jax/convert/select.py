@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from minicpm_jax.convert.transfer import LIGHTNING, SOFTMAX, replace_mixers, transfer
+from minicpm_jax.convert.transfer import LIGHTNING, SOFTMAX, check_mixer_types, replace_mixers, transfer
 
 SCORE_CAP, EPS = 50.0, 1e-10
 
@@ -54,6 +54,17 @@ def softmax_budget(num_layers: int, ratio: float, keep_first_last: bool) -> int:
 def candidate_layers(num_layers: int, keep_first_last: bool) -> list[int]:
     """Layers that may become Lightning."""
     return [i for i in range(num_layers) if not (keep_first_last and i in (0, num_layers - 1))]
+
+
+def initial_mixer_types(cv, teacher_cfg) -> tuple[str, ...]:
+    """The stage-0 hybrid of a recipe's ``convert`` section: its ``mixer_types`` if given, else Lightning
+    at every candidate layer (what stage 1 aligns before selection), checked against the teacher."""
+    if cv.mixer_types is not None:
+        return check_mixer_types(teacher_cfg, cv.mixer_types)
+    n = teacher_cfg.num_hidden_layers
+    softmax_budget(n, cv.softmax_ratio, cv.keep_first_last)
+    candidates = candidate_layers(n, cv.keep_first_last)
+    return tuple(LIGHTNING if i in candidates else SOFTMAX for i in range(n))
 
 
 def choose_mixer_types(
@@ -118,7 +129,10 @@ def select_layers(
         kw = dict(tokenizer=tokenizer, batch_size=batch_size, seed=seed)
         cs, cs_values = proxy_value(model, commonsense, **kw)
         rt, rt_values = proxy_value(model, retrieval, **kw)
-        rows.append({"layer": i, "cs": cs, "rt": rt, **{f"cs:{k}": v for k, v in cs_values.items()}, **rt_values})
+        rows.append(
+            {"layer": i, "cs": cs, "rt": rt, **{f"cs:{k}": v for k, v in cs_values.items()}}
+            | {f"rt:{k}": v for k, v in rt_values.items()}
+        )
         console.print(f"  layer {i}: CS {cs:.4f}  RT {rt:.4f}")
     scores = selection_scores([r["cs"] for r in rows], [r["rt"] for r in rows])
     mixer_types = choose_mixer_types(n, candidates, scores, budget)

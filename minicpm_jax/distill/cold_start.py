@@ -31,6 +31,15 @@ def degenerate(text: str) -> bool:
     return len(text) > 5000 and re.search(r"(.{50})\1\1", text, flags=re.DOTALL) is not None
 
 
+def rejection(text: str, finish_reason: str, require: str | None) -> str | None:
+    """Why a teacher response is rejected (None: accepted)."""
+    if finish_reason != "stop":
+        return "incomplete"
+    if require and re.search(require, text) is None:
+        return "missing pattern"
+    return "repetitive" if degenerate(text) else None
+
+
 def teacher_rollouts(teacher, prompts, tokenizer, *, cfg, seed: int) -> tuple[list[tuple[tuple, list[int]]], dict]:
     """``([(prompt ids, response ids)], stats)``: one accepted teacher response per prompt where any of
     ``cfg.max_attempts`` samples passes the filters."""
@@ -52,16 +61,7 @@ def teacher_rollouts(teacher, prompts, tokenizer, *, cfg, seed: int) -> tuple[li
         )
         still = []
         for row, i in enumerate(pending):
-            text = tokenizer.decode(result.row_tokens(row))
-            reason = (
-                "incomplete"
-                if result.finish_reasons[row] != "stop"
-                else "missing pattern"
-                if cfg.require and re.search(cfg.require, text) is None
-                else "repetitive"
-                if degenerate(text)
-                else None
-            )
+            reason = rejection(tokenizer.decode(result.row_tokens(row)), result.finish_reasons[row], cfg.require)
             if reason is None:
                 accepted[i] = result.row_tokens(row)
             else:

@@ -33,22 +33,26 @@ def _at(logp: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, ids, axis=-1)
 
 
+def own_scores(logp: jax.Array, targets: jax.Array, k: int) -> dict[str, jax.Array]:
+    """One model's arrays from its log-softmax ``[..., V]``: ``logp_tok`` (at the targets), ``topk_ids``,
+    ``topk_logp`` and ``entropy``."""
+    topk_logp, topk_ids = jax.lax.top_k(logp, k)
+    return {
+        "logp_tok": _at(logp, targets[..., None])[..., 0],
+        "topk_ids": topk_ids.astype(jnp.int32),
+        "topk_logp": topk_logp,
+        "entropy": _entropy(logp),
+    }
+
+
 def chunk_scores(stu_logp: jax.Array, tch_logp: jax.Array, targets: jax.Array, k: int) -> dict[str, jax.Array]:
     """Every stored array of one chunk from both models' log-softmax ``[..., V]`` and the targets ``[...]``."""
-    stu_topk_logp, stu_topk_ids = jax.lax.top_k(stu_logp, k)
-    tch_topk_logp, tch_topk_ids = jax.lax.top_k(tch_logp, k)
-    t = targets[..., None]
+    stu, tch = own_scores(stu_logp, targets, k), own_scores(tch_logp, targets, k)
     return {
-        "stu_logp_tok": _at(stu_logp, t)[..., 0],
-        "stu_topk_ids": stu_topk_ids.astype(jnp.int32),
-        "stu_topk_logp": stu_topk_logp,
-        "stu_entropy": _entropy(stu_logp),
-        "stu_logp_on_tch_ids": _at(stu_logp, tch_topk_ids),
-        "tch_logp_tok": _at(tch_logp, t)[..., 0],
-        "tch_logp_on_stu_ids": _at(tch_logp, stu_topk_ids),
-        "tch_topk_ids": tch_topk_ids.astype(jnp.int32),
-        "tch_topk_logp": tch_topk_logp,
-        "tch_entropy": _entropy(tch_logp),
+        **{f"stu_{name}": v for name, v in stu.items()},
+        "stu_logp_on_tch_ids": _at(stu_logp, tch["topk_ids"]),
+        **{f"tch_{name}": v for name, v in tch.items()},
+        "tch_logp_on_stu_ids": _at(tch_logp, stu["topk_ids"]),
     }
 
 
@@ -81,14 +85,7 @@ def model_scores(graphdef, params, batch, other_ids, k: int, chunk_tokens: int) 
 
     def chunk(c):
         logp = jax.nn.log_softmax(model.logits(c[0]), axis=-1)
-        topk_logp, topk_ids = jax.lax.top_k(logp, k)
-        out = {
-            "logp_tok": _at(logp, c[1][..., None])[..., 0],
-            "topk_ids": topk_ids.astype(jnp.int32),
-            "topk_logp": topk_logp,
-            "entropy": _entropy(logp),
-        }
-        return out | ({"logp_on_other": _at(logp, c[2])} if len(c) > 2 else {})
+        return own_scores(logp, c[1], k) | ({"logp_on_other": _at(logp, c[2])} if len(c) > 2 else {})
 
     out = jax.lax.map(chunk, tuple(token_chunks(a, chunk_tokens) for a in xs))
     return jax.tree.map(lambda x: jax.lax.stop_gradient(from_token_chunks(x, ids.shape[1])), out)

@@ -130,7 +130,7 @@ def test_teacher_on_its_own_devices_equals_the_shared_mesh(tmp_path):
         "train": {"steps": 2, "log_every": 1},
     }
     for name, extra in (
-        ("shared", {"mesh": {"data": 1, "fsdp": 4, "tensor": 2}}),
+        ("same_mesh", {"mesh": {"data": 1, "fsdp": 4, "tensor": 2}}),
         ("split", {"teacher_devices": 4, "mesh": {"data": 1, "fsdp": 4, "tensor": 1}}),
     ):
         d = tmp_path / name
@@ -139,9 +139,11 @@ def test_teacher_on_its_own_devices_equals_the_shared_mesh(tmp_path):
         model = load_model(d / "run" / "final", dtype=jnp.float32)[1]
         finals[name] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         losses[name] = [r["loss"] for r in read_metrics(d / "run") if "loss" in r]
-    np.testing.assert_allclose(losses["split"], losses["shared"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(losses["split"], losses["same_mesh"], rtol=1e-4, atol=1e-6)
     # different meshes reduce in different orders; Adam normalises the tiny differences: atol 1e-4
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), finals["split"], finals["shared"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), finals["split"], finals["same_mesh"]
+    )
 
 
 def test_gkd_mixing_samples_some_steps_from_the_teacher(tmp_path):
