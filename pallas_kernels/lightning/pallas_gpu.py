@@ -23,9 +23,12 @@ the intra-chunk mask is built in-kernel from one per-row bound: query row i keep
 ``j ≥ start_i`` (first index of its document in the chunk), key row j (transposed kernels)
 keeps queries ``i ≤ end_j``. Front padding joins the first document.
 
-Limits (checked with clear errors): inputs bf16/fp16 only (WGMMA operands; fp32 inputs would
-run as TF32 and miss fp32 parity — use ``xla``), ``chunk_size == 64`` (one warpgroup's M), head
-dims multiples of 64 up to 128. **Verification status:** the Mosaic GPU path is checked by
+Limits (checked with clear errors): inputs bf16/fp16 only, ``chunk_size == 64`` (one
+warpgroup's M), head dims multiples of 64 up to 128. fp32 inputs are refused rather than rounded:
+WGMMA reads fp32 operands as TF32 (10-bit mantissa, so no fp32 parity), and fp32 tiles would not
+fit SMEM at D = 128; exact fp32 would need 3-pass bf16 splitting of every operand (3× the WGMMAs,
+2× the tiles). Callers with fp32 activations cast q, k, v to bf16 (the state and the
+accumulation stay fp32) or use ``xla``. **Verification status:** the Mosaic GPU path is checked by
 ``jax.export(..., platforms=["cuda"])`` lowering at SALA's shape; numerics are checked on CPU in
 interpret mode, where WGMMA, layout casts and SMEM swizzles (which have no interpreter rules in
 JAX 0.10) are replaced by ``lax.dot_general`` on the same tiles with the same bf16 operand
@@ -51,7 +54,8 @@ def check_tiling(chunk_size, dtype, head_dims):
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(
             f"implementation='pallas_gpu' takes bfloat16/float16 inputs (WGMMA "
-            f"operands), got {dtype}; use implementation='xla' for float32"
+            f"operands; the state and accumulation stay float32), got {dtype}: cast q, k, v "
+            "to bfloat16, or use implementation='xla' for float32 parity"
         )
     if chunk_size != CHUNK:
         raise ValueError(f"chunk_size for pallas_gpu must be {CHUNK} (one warpgroup's WGMMA M), got {chunk_size}")
@@ -346,9 +350,7 @@ def forward(
     return o, final, (s0 if save_states else None)
 
 
-def backward(
-    q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=CHUNK, interpret=False, docs=None
-):
+def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=CHUNK, interpret=False, docs=None):
     """VJP via the dq / dk / dv kernels; ``chunk_states`` is the initial state saved by
     ``forward``. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
     del chunk_size

@@ -55,6 +55,13 @@ def test_pallas_gpu_bf16_matches_reference(t):
     _check("pallas_gpu", t, 64, jnp.bfloat16, 2e-2, b=1, h=4, dk=64, dv=64)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_pallas_gpu_sala_head_dim(dtype):
+    """D = 128 (SALA's Lightning head dim), 16-bit q/k/v with an fp32 initial state and fp32
+    state gradient; fp32 inputs are refused (see ``test_pallas_gpu_limits``)."""
+    _check("pallas_gpu", 150, 64, dtype, 2e-2, b=1, dk=128, dv=128)
+
+
 def test_xla_many_chunk_groups():
     """N = 38 chunks: several 16-chunk groups of the two-level state scan, partial last group."""
     _check("xla", 600, 16, jnp.float32, 1e-5)

@@ -107,10 +107,13 @@ def test_bf16_packed_equals_per_document(impl):
     _check(impl, jnp.bfloat16, 16, LAYOUT_64, 2e-2)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
-def test_pallas_gpu_packed_equals_per_document(dtype):
-    """Mosaic GPU kernels in interpret mode (16-bit only, C = 64, 64-wide heads), three chunks."""
-    _check("pallas_gpu", dtype, 64, LAYOUT_150, 2e-2, dk=64, dv=64)
+@pytest.mark.parametrize(
+    "dtype,d", [(jnp.bfloat16, 64), (jnp.float16, 64), (jnp.bfloat16, 128)], ids=["bf16", "fp16", "bf16-D128"]
+)
+def test_pallas_gpu_packed_equals_per_document(dtype, d):
+    """Mosaic GPU kernels in interpret mode (16-bit only, C = 64), three chunks; D = 128 is SALA's
+    head dim (the state update runs in two 64-row slices)."""
+    _check("pallas_gpu", dtype, 64, LAYOUT_150, 2e-2, dk=d, dv=d)
 
 
 def test_single_document_equals_no_segment_ids():
