@@ -12,10 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.cache import KVCache, check_prefill, init_kv_cache
 from minicpm_jax.model.layers import Linear
+from minicpm_jax.model.partition import BATCH, HEADS, KV, Partition, cache_roles
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
 from minicpm_jax.sharding import constrain
 from pallas_kernels.infllm_v2 import (
@@ -85,17 +87,31 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Causal GQA attention of a prefill (the path below ``dense_len``), on one shard's operands."""
+    return dot_product_attention(q, k, v, causal_mask(segment_ids, q.shape[0], q.shape[1]))
+
+
 def kv_attend(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
     """Writes k/v ``[B, T, Hkv, D]`` at slots ``positions [B, T]`` and attends q ``[B, T, Hq, D]`` causally
     over the cache (slot s is visible to the query at position p iff s <= p); returns ``(out, cache)``.
-    Slots past the capacity are dropped. A multi-token call (a prefill chunk) goes block by block."""
-    rows = jnp.arange(q.shape[0])[:, None]
-    upd = lambda buf, x: buf.at[rows, positions].set(x.astype(buf.dtype), mode="drop")
-    cache = KVCache(upd(cache.k, k), upd(cache.v, v))
-    if q.shape[1] > 1:
-        return cache_attention(q, cache.k, cache.v, positions), cache
-    mask = jnp.arange(cache.k.shape[1])[None, None, :] <= positions[:, :, None]
-    return dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask), cache
+    Slots past the capacity are dropped. A multi-token call (a prefill chunk) goes block by block.
+    Partitioned over rows and heads (``minicpm_jax.model.partition``)."""
+    part = Partition(q.shape[0], q.shape[2], k.shape[2])
+
+    def shard(cache, q, k, v, positions):
+        rows = jnp.arange(q.shape[0])[:, None]
+        upd = lambda buf, x: buf.at[rows, positions].set(x.astype(buf.dtype), mode="drop")
+        cache = KVCache(upd(cache.k, k), upd(cache.v, v))
+        ck, cv = part.local_kv(cache.k), part.local_kv(cache.v)
+        if q.shape[1] > 1:
+            return cache_attention(q, ck, cv, positions), cache
+        mask = jnp.arange(ck.shape[1])[None, None, :] <= positions[:, :, None]
+        return dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), cache
+
+    qkv = (P(BATCH, None, HEADS, None), P(BATCH, None, KV, None), P(BATCH, None, KV, None))
+    roles = cache_roles(cache)
+    return part(shard, (roles, *qkv, P(BATCH, None)), (qkv[0], roles))(cache, q, k, v, positions)
 
 
 def infllm_config(cfg: ModelConfig) -> InfLLMv2Config | None:
@@ -159,11 +175,10 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v, q_sel, k_sel
 
-    def _attend(self, q, k, v, q_sel, k_sel, segment_ids) -> jax.Array:
-        """Prefill attention: dense below ``dense_len`` (or without sparse_config), InfLLM v2 above."""
-        b, t = q.shape[:2]
-        if self.sparse is None or self.sparse.is_dense(t):
-            return dot_product_attention(q, k, v, causal_mask(segment_ids, b, t))
+    def _attend(self, part: Partition, q, k, v, q_sel, k_sel, segment_ids) -> jax.Array:
+        """Prefill attention on one shard: dense below ``dense_len`` (or without sparse_config), InfLLM v2 above."""
+        if self.sparse is None or self.sparse.is_dense(q.shape[1]):
+            return dense_attention(q, part.local_kv(k), part.local_kv(v), segment_ids)
         return infllm_v2_attention(
             q,
             k,
@@ -175,10 +190,10 @@ class Attention(nnx.Module):
             implementation=self.implementation,
         )
 
-    def _prefill_attend(self, q, k, v, q_sel, k_sel, valid) -> jax.Array:
+    def _prefill_attend(self, part: Partition, q, k, v, q_sel, k_sel, valid) -> jax.Array:
         """Prefill of right-padded rows with ``valid [B]`` real tokens: a row shorter than ``dense_len``
         is computed densely even when the padded length reaches it, as it would be alone."""
-        o = self._attend(q, k, v, q_sel, k_sel, None)
+        o = self._attend(part, q, k, v, q_sel, k_sel, None)
         if valid is None or self.sparse.is_dense(q.shape[1]) or self.sparse.dense_len <= 0:
             return o
         short = valid < self.sparse.dense_len
@@ -188,24 +203,40 @@ class Attention(nnx.Module):
             lambda: o,
         )
 
+    def _partition(self, q, k) -> Partition:
+        """Rows and heads of this call; whole GQA groups per shard when InfLLM v2 selection may run."""
+        sparse = self.sparse is not None and (q.shape[1] == 1 or not self.sparse.is_dense(q.shape[1]))
+        return Partition(q.shape[0], q.shape[2], k.shape[2], whole_groups=sparse)
+
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None, valid=None):
         """``(output, cache)``; ``cache`` is None (plain forward), a ``KVCache`` or an InfLLM v2 ``DecodeCache``.
 
         ``valid [B]``: real tokens at the start of each row of a cached call (the rest is padding).
         With a ``DecodeCache`` a one-token input is a decode step and a longer one a prefill of an
-        empty cache; a ``KVCache`` appends any number of tokens at ``positions``.
+        empty cache; a ``KVCache`` appends any number of tokens at ``positions``. Every kernel runs
+        under ``shard_map`` (``minicpm_jax.model.partition``).
         """
         q, k, v, q_sel, k_sel = self._qkv(x, positions)
+        qkv = (P(BATCH, None, HEADS, None), P(BATCH, None, KV, None), P(BATCH, None, KV, None))
+        args, roles = (q, k, v, q_sel, k_sel), (*qkv, qkv[0], qkv[1])
+        part = self._partition(q, k)
         if cache is None:
-            o = self._attend(q, k, v, q_sel, k_sel, segment_ids)
+            attend = lambda *a: self._attend(part, *a)
+            o = part(attend, (*roles, P(BATCH, None)), qkv[0])(*args, segment_ids)
         elif isinstance(cache, KVCache):
             o, cache = kv_attend(cache, q, k, v, positions)
         elif isinstance(cache, DecodeCache) and x.shape[1] == 1:
-            o, cache = decode_step(cache, q, k, v, config=self.sparse, q_select=q_sel, k_select=k_sel)
+            step = lambda c, q, k, v, qs, ks: decode_step(c, q, k, v, config=self.sparse, q_select=qs, k_select=ks)
+            o, cache = part(step, (cache_roles(cache), *roles), (qkv[0], cache_roles(cache)))(cache, *args)
         else:
             check_prefill(cache.length)
-            o = self._prefill_attend(q, k, v, q_sel, k_sel, valid)
-            cache = prefill_cache(cache, k, v, config=self.sparse, k_select=k_sel, lengths=valid)
+
+            def prefill(c, q, k, v, qs, ks, valid):
+                o = self._prefill_attend(part, q, k, v, qs, ks, valid)
+                return o, prefill_cache(c, k, v, config=self.sparse, k_select=ks, lengths=valid)
+
+            out_roles = (qkv[0], cache_roles(cache))
+            o, cache = part(prefill, (cache_roles(cache), *roles, P(BATCH)), out_roles)(cache, *args, valid)
         if self.o_gate is not None:
             o = o * jax.nn.sigmoid(self.o_gate(x))
         return self.o_proj(o), cache

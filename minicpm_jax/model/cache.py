@@ -82,11 +82,13 @@ def init_kv_cache(batch: int, capacity: int, kv_heads: int, head_dim: int, dtype
 
 
 def constrain_cache(cache: ModelCache) -> ModelCache:
-    """Sharding constraints for a cache (a no-op without a mesh): rows over the data axes and the
-    Lightning states' heads over ``tensor``; K/V heads are replicated, like the KV projections."""
+    """Sharding constraints for a cache (a no-op without a mesh): rows over the data axes, the
+    Lightning states' heads and the K/V buffers' heads (dim 2) over ``tensor`` where it divides them
+    (else replicated), as the kernels' ``shard_map`` (``minicpm_jax.model.partition``) expects."""
 
     def leaf(x):
-        return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x
+        axes = ("batch", None, "act_heads", None) if x.ndim == 4 else ("batch",) + (None,) * (x.ndim - 1)
+        return constrain(x, axes) if x.ndim else x
 
     def layer(c):
         if isinstance(c, LightningCache):

@@ -5,7 +5,9 @@ RoPE, the Lightning recurrence with SALA's ALiBi decays in fp32, cast back, RMSN
 width (``o_norm``), times ``sigmoid(z_proj(x))``, then ``o_proj``. With a ``LightningCache`` the
 recurrence continues from the cached fp32 state (one token: the decode step; more: chunked prefill).
 Packed rows (``segment_ids``, with per-document ``positions`` for the RoPE) reset the state at every
-document start, so each document sees only itself.
+document start, so each document sees only itself. Kernels run under ``shard_map`` (rows over the data
+axes, heads over ``tensor``; ``minicpm_jax.model.partition``); the GPU kernel takes the activation
+dtype, the others fp32.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.cache import LightningCache
 from minicpm_jax.model.layers import Linear, RMSNorm
+from minicpm_jax.model.partition import BATCH, HEADS, Partition
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
 from pallas_kernels.lightning import alibi_slopes, lightning_attention, lightning_decode_step
 
@@ -67,22 +71,36 @@ class LightningAttention(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k.shape[2] != nh:
             k, v = (jnp.repeat(a, nh // a.shape[2], axis=2) for a in (k, v))
-        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        # The GPU kernel takes the activation dtype (its state stays fp32); the others take fp32.
+        kernel_dtype = self.dtype if self.implementation == "pallas_gpu" else jnp.float32
+        q, k, v = (a.astype(kernel_dtype) for a in (q, k, v))
         log_decay = -jnp.asarray(alibi_slopes(nh))
+        part, scale, impl = Partition(x.shape[0], nh), hd**-0.5, self.implementation
+        qkv, state = P(BATCH, None, HEADS, None), P(BATCH, HEADS, None, None)
+        roles = (qkv, qkv, qkv, P(HEADS))
         if cache is None:
-            o = lightning_attention(
-                q, k, v, log_decay, scale=hd**-0.5, segment_ids=segment_ids, implementation=self.implementation
+            attend = lambda q, k, v, g, seg: lightning_attention(
+                q, k, v, g, scale=scale, segment_ids=seg, implementation=impl
             )
+            o = part(attend, (*roles, P(BATCH, None)), qkv)(q, k, v, log_decay, segment_ids)
         elif x.shape[1] == 1:
-            o, state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=hd**-0.5)
-            if valid is not None:
-                state = jnp.where((valid > 0)[:, None, None, None], state, cache.state)
-            o, cache = o[:, None], LightningCache(state)
+
+            def step(q, k, v, g, s0, valid):
+                o, s = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], g, s0, scale=scale)
+                if valid is not None:
+                    s = jnp.where((valid > 0)[:, None, None, None], s, s0)
+                return o[:, None], s
+
+            o, s = part(step, (*roles, state, P(BATCH)), (qkv, state))(q, k, v, log_decay, cache.state, valid)
+            cache = LightningCache(s)
         else:
-            o = lightning_attention(
-                q, k, v, log_decay, scale=hd**-0.5, initial_state=cache.state, implementation=self.implementation
-            )
-            cache = LightningCache(state_after(cache.state, k, v, log_decay, valid))
+
+            def prefill(q, k, v, g, s0, valid):
+                o = lightning_attention(q, k, v, g, scale=scale, initial_state=s0, implementation=impl)
+                return o, state_after(s0, k, v, g, valid)
+
+            o, s = part(prefill, (*roles, state, P(BATCH)), (qkv, state))(q, k, v, log_decay, cache.state, valid)
+            cache = LightningCache(s)
         b, t = x.shape[:2]
         o = o.reshape(b, t, nh * hd).astype(self.dtype)
         if self.o_norm is not None:

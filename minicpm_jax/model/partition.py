@@ -1,0 +1,85 @@
+"""Kernel calls under ``jax.shard_map``: each device runs a kernel on its own rows and heads.
+
+XLA cannot partition Pallas (Mosaic / Triton) custom calls: called on sharded activations they are
+run on all-gathered operands. ``Partition`` wraps a per-shard function in ``jax.shard_map`` over
+the current mesh (``jax.set_mesh``): the batch over the data axes (``LOGICAL_RULES["batch"]``),
+query heads over ``tensor``. Without a mesh, or on one device, it calls the function as it is.
+
+GQA: every shard keeps whole query groups or a part of one group, never parts of two. When
+``tensor`` divides the KV heads they are sharded too; when it is a multiple of them the KV heads
+are replicated (as their projections are) and each shard uses the one KV head of its query heads
+(``local_kv``). A dimension its mesh axes do not divide is replicated, as in ``constrain``; so are
+the heads when neither holds, or when a shard would hold part of a group and the kernel needs whole
+groups (InfLLM v2 block selection sums scores over a group). A ``sequence`` axis > 1 is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from minicpm_jax.model.cache import LightningCache
+from minicpm_jax.sharding import LOGICAL_RULES
+
+BATCH, HEADS, KV = "batch", "heads", "kv_heads"  # the roles an operand dimension can have
+
+
+class Partition:
+    """How one kernel call is split: rows of ``batch``, ``heads`` query and ``kv_heads`` KV heads.
+
+    ``whole_groups``: shard heads only if each shard holds whole GQA groups.
+    """
+
+    def __init__(self, batch: int, heads: int, kv_heads: int | None = None, *, whole_groups: bool = False):
+        mesh = jax.sharding.get_abstract_mesh()
+        self.mesh = None if mesh.empty or mesh.size == 1 else mesh
+        self.batch = self.heads = self.kv = None
+        self.slice_kv = False
+        if self.mesh is None:
+            return
+        size = lambda axes: math.prod(self.mesh.shape.get(a, 1) for a in axes)
+        if size(["sequence"]) > 1:
+            raise ValueError(
+                f"mesh axis 'sequence' has size {self.mesh.shape['sequence']}: the attention kernels do not "
+                "implement context parallelism; set mesh.sequence=1 (use data/fsdp/tensor instead)"
+            )
+        data = tuple(a for a in LOGICAL_RULES[BATCH] if a in self.mesh.shape)
+        self.batch = data if data and batch % size(data) == 0 else None
+        kv_heads = kv_heads or heads
+        t = self.mesh.shape.get(LOGICAL_RULES["act_heads"], 1)
+        group, local = heads // kv_heads, heads // t
+        if t > 1 and kv_heads % t == 0:
+            self.heads = self.kv = LOGICAL_RULES["act_heads"]
+        elif t > 1 and heads % t == 0 and group % local == 0 and not whole_groups:
+            self.heads, self.slice_kv = LOGICAL_RULES["act_heads"], True
+        self.local_heads, self.group = (local if self.heads else heads), group
+
+    def spec(self, roles: P) -> P:
+        """Mesh ``PartitionSpec`` of a spec of roles (``BATCH``, ``HEADS``, ``KV`` or None per dim)."""
+        return P(*({BATCH: self.batch, HEADS: self.heads, KV: self.kv}.get(r) for r in roles))
+
+    def local_kv(self, x: jax.Array, axis: int = 2) -> jax.Array:
+        """Inside a shard: the KV heads its query heads use (``x`` itself unless KV heads are replicated)."""
+        if not self.slice_kv:
+            return x
+        start = jax.lax.axis_index(self.heads) * self.local_heads // self.group
+        return jax.lax.dynamic_slice_in_dim(x, start, 1, axis)
+
+    def __call__(self, fn, in_roles, out_roles):
+        """``fn`` (on per-shard operands) as a function of global operands; ``in_roles`` / ``out_roles``
+        are pytrees of role specs matching its arguments / outputs (None for None arguments)."""
+        if self.mesh is None:
+            return fn
+        specs = lambda roles: jax.tree.map(self.spec, roles, is_leaf=lambda r: isinstance(r, P))
+        return jax.shard_map(
+            fn, mesh=self.mesh, in_specs=specs(tuple(in_roles)), out_specs=specs(out_roles), check_vma=False
+        )
+
+
+def cache_roles(cache):
+    """Role specs of a layer cache: rows, and the heads of K/V buffers (dim 2) or a Lightning state (dim 1)."""
+    if isinstance(cache, LightningCache):
+        return LightningCache(P(BATCH, HEADS, None, None))
+    return jax.tree.map(lambda x: P(BATCH, None, KV, None) if x.ndim == 4 else P(BATCH), cache)
