@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,15 @@ from pydantic import BaseModel, ValidationError
 
 from minicpm_jax.config.schema import Config, ModelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """The presets and recipes: the wheel's package data (``minicpm_jax/_configs``, built from the
+    repository's top-level ``configs/``), else, in a source checkout or editable install, ``configs/``."""
+    shipped = resources.files("minicpm_jax") / "_configs"
+    return Path(str(shipped)) if shipped.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 MODELS_DIR = CONFIG_DIR / "models"
 
 
@@ -87,11 +96,20 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return build_config(apply_overrides({**raw, "model": model}, overrides))
 
 
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: the path itself, or for a bare name (``pretrain-tiny``) the shipped ``recipes/NAME.yaml``."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and not path.is_file():
+        return CONFIG_DIR / "recipes" / f"{name_or_path}.yaml"
+    return path
+
+
 def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping of a recipe file (empty file: ``{}``); one clear error when it does not exist."""
-    path = Path(path)
+    """The mapping of a recipe (file or shipped name; empty file: ``{}``); one clear error when there is none."""
+    path = recipe_path(path)
     if not path.is_file():
-        raise ConfigError([f"recipe: no file {str(path)!r}"])
+        names = sorted(p.stem for p in (CONFIG_DIR / "recipes").glob("*.yaml"))
+        raise ConfigError([f"recipe: no file {str(path)!r}; shipped recipes: {names}"])
     return yaml.safe_load(path.read_text()) or {}
 
 

@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt
 
-from minicpm_jax.config.loading import ConfigError, apply_overrides, build_config, read_recipe_yaml, validate_recipe
+from minicpm_jax.config.loading import (
+    ConfigError,
+    apply_overrides,
+    build_config,
+    read_recipe_yaml,
+    recipe_path,
+    validate_recipe,
+)
 from minicpm_jax.config.schema import DTYPES, Config, MeshConfig, ModelConfig, SparseConfig, _Strict
 
 LOSSES = ("align", "kl", "lm")
@@ -86,7 +93,7 @@ def _stage_overrides(raw: dict, overrides) -> list[str]:
 
 def load_convert_recipe(path: str | Path, overrides=()) -> ConvertRecipe:
     """A validated recipe from YAML plus dotted overrides; every stage's run config is checked too."""
-    path = Path(path)
+    path = recipe_path(path)
     raw = read_recipe_yaml(path)
     overrides = _stage_overrides(raw, overrides)
     raw["stages"] = {str(i): s for i, s in enumerate(raw.get("stages") or [])}

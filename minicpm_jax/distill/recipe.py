@@ -13,7 +13,7 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import StrictBool, StrictInt, create_model
 
-from minicpm_jax.config.loading import ConfigError, apply_overrides, read_recipe_yaml, validate_recipe
+from minicpm_jax.config.loading import ConfigError, apply_overrides, read_recipe_yaml, recipe_path, validate_recipe
 from minicpm_jax.config.schema import DTYPES, MeshConfig, _Strict
 from minicpm_jax.distill.losses import LossOptions, check_options
 
@@ -98,7 +98,7 @@ def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
     read beside the recipe when they exist there."""
     from minicpm_jax.eval.loading import resolve_task_paths
 
-    path = Path(path)
+    path = recipe_path(path)
     raw = apply_overrides(read_recipe_yaml(path), overrides)
     recipe = validate_recipe(raw, DistillRecipe, str(path))
     check_options(LossOptions(**recipe.loss.model_dump()))

@@ -111,6 +111,13 @@ def test_unknown_preset_and_bad_override():
         load_config("tiny-minicpm4", ["model.num_hidden_layers"])
 
 
+def test_recipe_by_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names resolve to the shipped recipes wherever the command runs
+    assert load_recipe("pretrain-tiny") == load_recipe(RECIPES / "pretrain-tiny.yaml")
+    with pytest.raises(ConfigError, match=r"recipe: no file .*nope.yaml'; shipped recipes: \[.*'pretrain-tiny'"):
+        load_recipe("nope")
+
+
 def test_unsupported_model_type():
     with pytest.raises(ConfigError, match=r"model_type: 'qwen2' is not supported"):
         model_config_from_hf({"model_type": "qwen2", "hidden_size": 64})
