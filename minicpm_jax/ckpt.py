@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
+from safetensors import SafetensorError, safe_open
 
 from minicpm_jax.config.loading import build_model_config, load_config
 from minicpm_jax.config.schema import ModelConfig
@@ -92,9 +93,35 @@ def load_model(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), shardings
     )
-    restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+    try:
+        restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+    except Exception as e:  # a damaged checkpoint: one clear error naming it
+        raise ValueError(f"{directory / 'params'}: unreadable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
     nnx.replace_by_pure_dict(state, restored)
     return cfg, nnx.merge(graphdef, state)
+
+
+def load_hf(directory: str | Path, **kwargs) -> tuple[ModelConfig, MiniCPMForCausalLM]:
+    """``interop.load_hf_checkpoint``, with a truncated or damaged safetensors file named in a ``ValueError``."""
+    try:
+        return load_hf_checkpoint(directory, **kwargs)
+    except SafetensorError as e:
+        error = e
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            try:
+                with safe_open(path, "numpy") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                        f.get_slice(key)
+            except SafetensorError as bad:
+                error = bad
+                break
+        else:
+            path = Path(directory)
+        raise ValueError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def config_of(source: str | Path) -> ModelConfig:
@@ -117,6 +144,6 @@ def load_any(
     if is_native_checkpoint(path):
         return load_model(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **impls)
     if (path / "config.json").is_file():
-        return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **impls)
+        return load_hf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **impls)
     cfg = load_config(str(source)).model
     return cfg, create_model(cfg, mesh=mesh, seed=seed, dtype=dtype, param_dtype=param_dtype, **impls)

@@ -2,12 +2,19 @@
 
 Every command takes ``section.key=value`` overrides of the run config (``mesh.fsdp=4``,
 ``dtype=float32``, and for ``info`` also ``model.num_hidden_layers=4``).
+
+Expected failures (bad configs and inputs, unreadable files, full or read-only disks, existing
+outputs) print one ``error: ...`` line on stderr; ``--debug`` shows the traceback instead. Exit codes
+are in ``EXIT_CODES``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +30,16 @@ from minicpm_jax.config.loading import apply_overrides
 from minicpm_jax.sharding import mesh_shape
 
 console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected internal error (a traceback; please report it)",
+    2: "user error: bad config, argument or input file, existing output, refused resume, disk full / read-only",
+    3: "training diverged (train.max_consecutive_nonfinite non-finite steps in a row)",
+    128 + signal.SIGINT: "stopped by SIGINT after saving a checkpoint (rerun to resume)",
+    128 + signal.SIGTERM: "stopped by SIGTERM after saving a checkpoint (rerun to resume)",
+}
 
 
 def _run_config(overrides):
@@ -125,17 +142,18 @@ def _print_plan_rows(what: str, rows) -> None:
 
 
 def cmd_import_hf(args) -> None:
-    from minicpm_jax.ckpt import save_model
-    from minicpm_jax.interop import load_hf_checkpoint
+    from minicpm_jax.ckpt import load_hf, save_model
     from minicpm_jax.interop.save import has_tokenizer
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
+    check_output(args.output, overwrite=args.overwrite, sources=[args.hf_dir])
     start = time.perf_counter()
-    model_cfg, model = load_hf_checkpoint(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
-    out = save_model(
-        model, model_cfg, args.output, tokenizer_source=args.hf_dir if has_tokenizer(args.hf_dir) else None
-    )
+    model_cfg, model = load_hf(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
+    with _writing(args.output):
+        out = save_model(
+            model, model_cfg, args.output, tokenizer_source=args.hf_dir if has_tokenizer(args.hf_dir) else None
+        )
     console.print(
         f"imported {args.hf_dir} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) "
         f"-> {out} in {time.perf_counter() - start:.1f}s"
@@ -149,17 +167,19 @@ def cmd_export_hf(args) -> None:
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
+    check_output(args.output, overwrite=args.overwrite, sources=[args.source, args.tokenizer])
     start = time.perf_counter()
     model_cfg, model = load_any(args.source, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype, seed=cfg.seed)
-    out = save_hf_checkpoint(
-        model,
-        model_cfg,
-        args.output,
-        format=args.format,
-        dtype=args.dtype,
-        tokenizer_dir=args.tokenizer or (args.source if has_tokenizer(args.source) else None),
-        max_shard_bytes=int(args.max_shard_gb * 2**30),
-    )
+    with _writing(args.output):
+        out = save_hf_checkpoint(
+            model,
+            model_cfg,
+            args.output,
+            format=args.format,
+            dtype=args.dtype,
+            tokenizer_dir=args.tokenizer or (args.source if has_tokenizer(args.source) else None),
+            max_shard_bytes=int(args.max_shard_gb * 2**30),
+        )
     files = sorted(p.name for p in out.iterdir())
     console.print(
         f"exported {args.source} as format={args.format} ({args.dtype}) -> {out} "
@@ -173,7 +193,7 @@ def cmd_train(args) -> None:
     from minicpm_jax.model import param_count
     from minicpm_jax.train.loop import run_training
 
-    cfg = load_recipe(args.config, args.overrides)
+    cfg = load_recipe(check_recipe_file(args.config), args.overrides)
     console.rule("resolved config")
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
     mesh = mesh_shape(cfg.mesh, jax.device_count())
@@ -189,7 +209,9 @@ def cmd_train(args) -> None:
 def cmd_convert(args) -> None:
     from minicpm_jax.convert import load_convert_recipe, run_conversion
 
-    recipe = load_convert_recipe(args.config, args.overrides)
+    recipe = load_convert_recipe(check_recipe_file(args.config), args.overrides)
+    if not args.plan:
+        check_run_dir(recipe.output_dir, args.overwrite, "convert", [recipe.teacher])
     console.rule("resolved conversion recipe")
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
     if args.plan:
@@ -219,7 +241,9 @@ def cmd_distill(args) -> None:
         raise ValueError("distill: give --config RECIPE (or: minicpm-jax distill plot RUN_DIR)")
     from minicpm_jax.distill import load_distill_recipe, run_distill
 
-    recipe = load_distill_recipe(args.config, args.overrides)
+    recipe = load_distill_recipe(check_recipe_file(args.config), args.overrides)
+    if not args.plan:
+        check_run_dir(recipe.output_dir, args.overwrite, "distill", [recipe.student, recipe.teacher])
     console.rule("resolved distillation recipe")
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
     if args.plan:
@@ -243,6 +267,8 @@ def cmd_generate(args) -> None:
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
+    if args.output:
+        check_output(args.output, overwrite=args.overwrite, sources=[args.checkpoint, args.input, args.tokenizer])
     tokenizer_dir = args.tokenizer or args.checkpoint
     tokenizer = load_tokenizer(tokenizer_dir)
     chat = tokenizer.chat_template is not None if args.chat is None else args.chat
@@ -268,11 +294,13 @@ def cmd_generate(args) -> None:
     stream = args.output is None and len(requests) == 1
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
     start = time.perf_counter()
-    records_out = run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed, on_text=on_text)
     if args.output:
-        _write_jsonl(Path(args.output), records_out)
+        with _jsonl_output(Path(args.output)) as f:  # opened (and its disk checked) before generating
+            for record in run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed):
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         console.print(f"{len(requests)} completions -> {args.output} in {time.perf_counter() - start:.1f}s")
         return
+    records_out = run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed, on_text=on_text)
     for record in records_out:
         if not stream:
             console.rule(f"id {record['id']}")
@@ -299,7 +327,7 @@ def _eval_recipe(args) -> tuple[dict, dict]:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config: no such file {args.config!r}")
-        recipe = yaml.safe_load(path.read_text()) or {}
+        recipe = yaml.safe_load(check_recipe_file(path).read_text())
         base = path.resolve().parent
         unknown = sorted(set(recipe) - set(EVAL_RECIPE_KEYS))
         if unknown:
@@ -338,6 +366,7 @@ def cmd_eval(args) -> None:
         from minicpm_jax.eval.harness import run_harness
 
         output = Path(args.output or "outputs/eval")
+        check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer])
         tasks = [t for t in args.lm_eval.split(",") if t]
         results = run_harness(
             args.checkpoint,
@@ -364,6 +393,7 @@ def cmd_eval(args) -> None:
     cfg = build_config(apply_overrides(run, overrides))
     mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides) or "mesh" in run else None
     output = Path(args.output or recipe.get("output_dir") or "outputs/eval")
+    check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer, args.config])
     batch_size = args.batch_size or recipe.get("batch_size", 8)
     start = time.perf_counter()
     model_cfg, model, tokenizer = load_model_and_tokenizer(
@@ -395,13 +425,95 @@ def cmd_eval(args) -> None:
     console.print(f"report -> {output / 'report.json'}, {output / 'report.md'}")
 
 
-def _write_jsonl(path: Path, records) -> None:
-    """Write records to ``path`` via a temporary file, so a failed run leaves no partial output."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+@contextlib.contextmanager
+def _jsonl_output(path: Path):
+    """A text file that becomes ``path`` when the block succeeds; on any error it is removed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _writing(path), tmp.open("w", encoding="utf-8") as f:
+            yield f
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """Name ``path`` in an ``OSError`` raised without a file name (e.g. ENOSPC from ``write``)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, f"{e.strerror or e} while writing", str(path)) from e
+        raise
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _training_run(directory: Path) -> Path | None:
+    """A training run (``checkpoints/`` or ``metrics.jsonl``) at or up to two levels below ``directory``."""
+    for level in (directory, *directory.glob("*"), *directory.glob("*/*")):
+        if (level / "checkpoints").is_dir() or (level / "metrics.jsonl").is_file():
+            return level
+    return None
+
+
+def check_output(target, *, overwrite: bool, sources=()) -> None:
+    """Refuse (``FileExistsError``) an existing non-empty output unless ``overwrite``; even then refuse
+    one that contains a source of the command or a training run. (The writers also refuse to replace
+    anything but an earlier output of their own kind.)"""
+    target = Path(target).resolve()
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} already exists and is not empty; give --overwrite to replace it")
+    for source in sources:
+        if source and Path(source).exists() and _inside(Path(source).resolve(), target):
+            raise FileExistsError(f"{target} contains the source {source}; choose another output (nothing written)")
+    run = _training_run(target) if target.is_dir() else None
+    if run is not None:
+        raise FileExistsError(f"{target} contains a training run ({run}); choose another output (nothing written)")
+
+
+RUN_MARKERS = {"convert": ("conversion.json", "stage-0-transfer"), "distill": ("checkpoints", "metrics.jsonl")}
+
+
+def check_run_dir(output_dir, overwrite: bool, kind: str, sources) -> None:
+    """A convert / distill ``output_dir``: new, empty or an earlier run of ``kind`` (resumed); anything
+    else needs ``--overwrite`` (files there are kept) and never holds the sources or another run."""
+    out = Path(output_dir).resolve()
+    if not out.is_dir() or any((out / m).exists() for m in RUN_MARKERS[kind]):
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"output_dir {out} holds files that are not an earlier {kind} run ({', '.join(entries[:5])}); "
+            "choose a new or empty directory, or give --overwrite to write beside them (nothing is deleted)"
+        )
+    if entries:
+        check_output(out, overwrite=True, sources=sources)
+
+
+def check_recipe_file(path) -> Path:
+    """``path`` if it is a YAML file whose top level is a non-empty mapping, else one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raise ValueError(f"{path}: the recipe is empty (expected a mapping of sections such as model:, train:)")
+    if not isinstance(raw, dict):
+        raise ValueError(  # noqa: TRY004 - a user error (exit 2), not a programming one
+            f"{path}: the recipe's top level is a {type(raw).__name__}, expected a mapping of sections"
+        )
+    return path
 
 
 def cmd_demo(args) -> None:
@@ -417,9 +529,22 @@ def _add_plan_arguments(p) -> None:
     p.add_argument("--plan-batch-sizes", default="8,16", help="global batch sizes of a memory plan")
 
 
+def _add_overwrite(p, what: str) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help=f"{what}; an output that contains the source or a run is refused"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minicpm-jax", description=__doc__.splitlines()[0])
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="minicpm-jax",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[debug])
 
     p = sub.add_parser("demo", help="tiny MiniCPM4: build, run, export to Hugging Face, reload in PyTorch")
     p.add_argument("--output", default="outputs/demo", help="where the exported checkpoints go")
@@ -431,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a dense checkpoint into a hybrid (configs/recipes/convert-*.yaml)")
     p.add_argument("--config", required=True, help="conversion recipe YAML")
+    _add_overwrite(p, "let output_dir hold other files (kept; never the teacher or another run)")
     p.add_argument(
         "--plan", action="store_true", help="compile every stage's train step from abstract shapes; print memory"
     )
@@ -440,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="on-policy distillation from a recipe (configs/recipes/distill-*.yaml)")
     p.add_argument("words", nargs="*", help="'plot RUN_DIR' (draw a run's diagnostic panels), or key=value overrides")
     p.add_argument("--config", help="distillation recipe YAML")
+    _add_overwrite(p, "let output_dir hold other files (kept; never the student, teacher or another run)")
     p.add_argument("--plan", action="store_true", help="compile the train step from abstract shapes; print memory")
     _add_plan_arguments(p)
     p.set_defaults(func=cmd_distill)
@@ -453,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSONL: {"prompt": ...} or {"messages": [...]}, optional "id", "max_new_tokens" and sampling keys',
     )
     p.add_argument("--output", help="write JSONL results here (default: print; one --prompt is streamed)")
+    _add_overwrite(p, "replace an existing --output file")
     p.add_argument("--tokenizer", help="directory of the tokenizer (default: the checkpoint directory)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, help="0 = greedy (defaults: generation_config.json, else greedy)")
@@ -476,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="eval recipe YAML (configs/recipes/eval-*.yaml): tasks: {name: options}")
     p.add_argument("--tasks", help="comma-separated tasks to run (from the recipe, else with default options)")
     p.add_argument("--output", help="report directory (default: the recipe's output_dir, else outputs/eval)")
+    _add_overwrite(p, "write into a non-empty report directory (an earlier report's files are replaced)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's; byte-level for a preset)")
     p.add_argument("--batch-size", type=int, help="requests per batch (default: the recipe's, else 8)")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs [eval])")
@@ -499,11 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-hf", help="Hugging Face checkpoint directory -> minicpm_jax checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("output")
+    _add_overwrite(p, "replace an earlier native checkpoint at OUTPUT")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="checkpoint, HF directory or preset -> Hugging Face directory")
     p.add_argument("source", help="minicpm_jax checkpoint, Hugging Face directory, or preset (fresh init)")
     p.add_argument("output")
+    _add_overwrite(p, "replace an earlier Hugging Face export at OUTPUT")
     p.add_argument("--format", choices=("minicpm", "llama"), default="minicpm")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument(
@@ -516,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures print one ``error:`` line on stderr (see ``EXIT_CODES``)."""
+    from minicpm_jax.train.loop import TrainingDiverged, TrainingStopped
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if "=" not in a or a.startswith("-")]
@@ -524,10 +658,29 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
-        return 2
+    except (ValueError, OSError, yaml.YAMLError, TrainingDiverged, TrainingStopped, KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        code = (
+            128 + e.signum
+            if isinstance(e, TrainingStopped)
+            else 3
+            if isinstance(e, TrainingDiverged)
+            else 128 + signal.SIGINT
+            if isinstance(e, KeyboardInterrupt)
+            else 2
+        )
+        err_console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False)
+        return code
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (a multi-line ``ConfigError`` becomes ``head: a; b``)."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {'; '.join(lines[1:])}"
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ class TrainConfig(_Strict):
     # minicpm_jax.eval tasks run at every evaluation ({label: options}, as in eval recipes' `tasks`)
     eval_tasks: dict[str, dict] = {}
     max_consecutive_nonfinite: StrictInt = 5
+    # resuming from output_dir's checkpoints: auto = refuse a config that changes the model or optimizer
+    # state (train.loop.STATE_KEYS), force = resume anyway, fresh = move the old run aside and start at 0
+    resume: Literal["auto", "force", "fresh"] = "auto"
     init_from: str | None = None  # a checkpoint / HF dir / preset to start the weights from
     # parameters to train (dotted-path patterns, e.g. "model.layers.*.self_attn"); empty = all
     trainable: tuple[str, ...] = ()

@@ -19,9 +19,11 @@ def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | N
 
     An existing non-empty ``target`` is replaced only when ``replaceable(target)`` says it is an earlier
     output of the same kind (e.g. a checkpoint being rewritten); anything else raises ``FileExistsError``
-    before any work, so a wrong output path never deletes a user's files.
+    before any work, so a wrong output path never deletes a user's files. Leftovers of an interrupted
+    earlier write (``.<name>.tmp-*`` / ``.<name>.old-*`` beside ``target``) are cleaned up first.
     """
     target = Path(target).resolve()
+    _clean_leftovers(target)
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (replaceable and replaceable(target))):
         what = (
             "a file"
@@ -45,6 +47,19 @@ def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | N
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Remove the temp dirs of interrupted writes; an ``.old-*`` copy is put back if ``target`` is missing."""
+    if not target.parent.is_dir():
+        return
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists():
+            old.rename(target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_hf_checkpoint(directory: str | Path) -> bool:

@@ -2,13 +2,19 @@
 resolved config, every N steps and on SIGTERM/SIGINT, keeping the last K.
 
 Restoring targets the *current* mesh's shardings, so a run can resume on a different mesh shape.
-An unreadable newest checkpoint is skipped with a warning and the previous good one is used.
+Every finished checkpoint gets a ``sha256.json`` manifest of its files; a checkpoint whose files do
+not match it (or, without a manifest, that cannot be read) is moved aside as ``corrupt-step-*`` with a
+warning naming the file, and the previous one is used. A checkpoint that is intact but does not fit
+the current run (changed config, other shapes) raises ``ResumeError`` and is never moved.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,12 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "sha256.json"
+
+
+class ResumeError(ValueError):
+    """An intact checkpoint that the current run cannot (or must not) resume from."""
+
 
 class TrainCheckpointer:
     """``save(step, state, data_state, config)`` / ``restore_latest(abstract_state) -> (state, data, config)``."""
@@ -24,9 +36,12 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        handlers["config"] = ocp.JsonCheckpointHandler()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: dict, data_state: dict, config: dict, *, force: bool = False) -> bool:
+        self.wait()  # the previous save is finished (orbax waits too) and gets its manifest
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -35,44 +50,118 @@ class TrainCheckpointer:
             force=force,
         )
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, dict, dict, dict] | None:
-        """Newest readable checkpoint as ``(step, state, data_state, config)``, or None if there is none."""
+    def restore_latest(
+        self, abstract_state: Any, check: Callable[[int, dict], None] | None = None
+    ) -> tuple[int, dict, dict, dict] | None:
+        """Newest intact checkpoint as ``(step, state, data_state, config)``, or None if there is none.
+
+        ``check(step, saved_config)`` may refuse the resume by raising ``ResumeError`` (propagated).
+        """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        config=ocp.args.JsonRestore(),
-                    ),
-                )
-                _check_shapes(restored["state"], abstract_state)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
-                aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
-                (self.directory / str(step)).rename(aside)
-                self.manager.reload()
-                log.warning(
-                    "skipping checkpoint step %d in %s: unreadable (%s: %s); moved it to %s and trying an older one",
-                    step,
-                    self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200],
-                    aside.name,
-                )
-                continue
-            return step, restored["state"], restored["data"], restored["config"]
+            problem = verify_manifest(self.directory / str(step))
+            if problem is None:
+                try:
+                    config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+                    if check is not None:
+                        check(step, config["config"])
+                    _check_shapes(self.manager.item_metadata(step)["state"], abstract_state, self.directory / str(step))
+                    restored = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            data=ocp.args.JsonRestore(),
+                            config=ocp.args.JsonRestore(),
+                        ),
+                    )
+                    return step, restored["state"], restored["data"], restored["config"]
+                except ResumeError:
+                    raise
+                except Exception as e:  # unreadable: moved aside below, loudly
+                    if (self.directory / str(step) / MANIFEST).is_file():  # intact files: not corruption
+                        raise ResumeError(
+                            f"{self.directory / str(step)}: intact checkpoint that this run cannot restore "
+                            f"({type(e).__name__}: {_first_line(e)})"
+                        ) from e
+                    problem = f"unreadable ({type(e).__name__}: {_first_line(e)})"
+            aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
+            (self.directory / str(step)).rename(aside)
+            self.manager.reload()
+            log.warning(
+                "skipping checkpoint step %d in %s: %s; moved it to %s and trying an older one",
+                step,
+                self.directory,
+                problem,
+                aside.name,
+            )
         return None
 
     def wait(self) -> None:
+        """Wait for the save in flight; write the manifest of every finished checkpoint lacking one."""
         self.manager.wait_until_finished()
+        for step in self.manager.all_steps():
+            step_dir = self.directory / str(step)
+            if step_dir.is_dir() and not (step_dir / MANIFEST).exists():
+                write_manifest(step_dir)
 
     def close(self) -> None:
         self.manager.close()
 
 
-def _check_shapes(state, abstract_state) -> None:
-    got = jax.tree.map(lambda x: x.shape, state)
-    want = jax.tree.map(lambda x: x.shape, abstract_state)
-    if got != want:
-        raise ValueError("restored state does not match the model's shapes")
+def _files(directory: Path) -> dict[str, Path]:
+    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``directory/sha256.json``: ``{relative path: sha256}`` of every file (written via a temp file)."""
+    sums = {name: _sha256(p) for name, p in _files(directory).items() if name != MANIFEST}
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(sums, indent=1) + "\n")
+    tmp.replace(directory / MANIFEST)
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when ``directory`` matches its manifest (or has none), else what is wrong, naming the file."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        sums = json.loads(path.read_text())
+    except ValueError:
+        return f"{path}: unreadable manifest"
+    files = _files(directory)
+    for name, digest in sums.items():
+        if name not in files:
+            return f"{directory / name}: missing"
+        if _sha256(files[name]) != digest:
+            return f"{directory / name}: checksum mismatch (sha256 differs from {MANIFEST})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _dotted(path) -> str:
+    """``opt_state.1.mu.model.embed`` for dict, sequence and attribute keys alike (orbax saves all as dicts)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _check_shapes(metadata, abstract_state, where: Path) -> None:
+    """``ResumeError`` listing the paths whose saved shape differs from the current model's."""
+    saved = {_dotted(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(metadata)}
+    want = {_dotted(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: saved {saved.get(k)}, model {want.get(k)}" for k in diff[:4])
+        raise ResumeError(
+            f"{where}: the checkpoint's state does not fit the current model ({len(diff)} array(s) differ: {shown}"
+            f"{', ...' if len(diff) > 4 else ''}); use train.resume=fresh to start a new run here"
+        )

@@ -11,6 +11,13 @@ state, trainable subset and ``BatchSource``. A new loop is written as::
 (or ``cfg.train.frozen = {"teacher": path}`` so that a resume reloads the teacher itself, and
 ``cfg.train.trainable`` to train a subset). Everything else — mesh, checkpoints with the source's
 state, metrics, evaluation, failure handling — is shared.
+
+Resuming (``train.resume``): ``auto`` refuses a checkpoint whose saved config differs from the new one
+in a ``STATE_KEYS`` key (the model, the optimizer's moments, the trainable subset, the master-weight
+dtype) and lists the differences; ``force`` resumes anyway (shapes must still fit); ``fresh`` moves the old run's
+checkpoints, metrics and outputs into ``previous-<time>/`` and starts at step 0. The mesh, compute
+dtype, batch size, learning-rate schedule and ``train.steps`` may change (printed as a note).
+SIGTERM / SIGINT save a checkpoint and raise ``TrainingStopped``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +39,7 @@ from minicpm_jax.config.schema import Config
 from minicpm_jax.data import build_tokenizer, make_eval_batches, make_train_iterator
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.sharding import make_mesh
-from minicpm_jax.train.checkpoint import TrainCheckpointer
+from minicpm_jax.train.checkpoint import ResumeError, TrainCheckpointer
 from minicpm_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from minicpm_jax.train.frozen import load_frozen
 from minicpm_jax.train.loss import next_token_loss
@@ -41,7 +49,31 @@ from minicpm_jax.train.sources import BatchSource, GrainSource, global_batch
 from minicpm_jax.train.state import Trainer, create_trainer
 from minicpm_jax.train.step import LossFn, aux_values, check_batch
 
-__all__ = ["TrainingDiverged", "evaluate", "pretrain_loss", "run_training"]
+__all__ = ["ResumeError", "TrainingDiverged", "TrainingStopped", "evaluate", "pretrain_loss", "run_training"]
+
+# config keys (dotted prefixes) whose change makes a checkpoint's state mean something else: the model,
+# the optimizer's moments and their structure (not the learning-rate schedule, which a resume may change),
+# the trainable subset and the master-weight dtype
+STATE_KEYS = (
+    "model.",
+    *(f"optimizer.{k}" for k in ("b1", "b2", "eps", "clip_norm", "mup", "mup_embeddings")),
+    *(f"optimizer.{k}" for k in ("decay_embeddings", "decay_norms")),
+    "train.trainable",
+    "param_dtype",
+)
+IGNORED_KEYS = ("model.bos_token_id", "model.eos_token_id", "model.pad_token_id", "model.use_cache")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "eval")  # moved aside by resume=fresh
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT: a checkpoint was saved at ``step`` and the run stopped before its end."""
+
+    def __init__(self, signum: int, step: int, directory: Path):
+        self.signum = signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in {directory} "
+            "(rerun the same command to resume)"
+        )
 
 
 def pretrain_loss(cfg: Config) -> LossFn:
@@ -83,6 +115,9 @@ def run_training(
     try:
         _restore(run, console)
         return _train(run, console)
+    except TrainingDiverged as e:
+        run.checkpointer.wait()
+        raise TrainingDiverged(f"{e}; {checkpoint_state(run.out / 'checkpoints')}") from None
     finally:
         run.checkpointer.wait()
         run.checkpointer.close()
@@ -92,6 +127,8 @@ def run_training(
 def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices=None) -> Run:
     """Mesh (over ``devices``, default all), weights, frozen state, data, trainer, checkpointer and monitor."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
+    if tc.resume == "fresh":
+        _move_run_aside(out, console)
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -123,7 +160,6 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
         MetricsLogger(out),
         console,
         max_consecutive_nonfinite=tc.max_consecutive_nonfinite,
-        checkpoint_dir=out / "checkpoints",
         flops_per_token=train_flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops=peak_flops_per_device(),
     )
@@ -135,11 +171,71 @@ def _restore(run: Run, console: Console) -> None:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.state, trainer.state_sharding
     )
-    restored = run.checkpointer.restore_latest(abstract)
+    restored = run.checkpointer.restore_latest(abstract, functools.partial(_check_resume, run.cfg, console))
+    start = 0
     if restored is not None:
         start, trainer.state, source_state, _ = restored
         run.source.set_state(source_state)
         console.print(f"resumed from {run.out / 'checkpoints'} at step {start}")
+    run.monitor.logger.rewind(start)
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, str]:
+    """``{key: "saved -> new"}`` for every leaf key whose value differs between two config dicts."""
+    old, cur = _flatten(saved), _flatten(new)
+    keys = [k for k in sorted(old.keys() | cur.keys()) if old.get(k) != cur.get(k) and k not in IGNORED_KEYS]
+    return {k: f"{old.get(k)!r} -> {cur.get(k)!r}" for k in keys}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resume(cfg: Config, console: Console, step: int, saved: dict) -> None:
+    """Refuse (``ResumeError``) a resume whose config changes the state, or whose train.steps is behind it."""
+    where = f"{cfg.train.output_dir}/checkpoints (step {step})"
+    if step > cfg.train.steps:
+        raise ResumeError(
+            f"train.steps={cfg.train.steps} is below step {step} of the run in {where}; give train.steps >= "
+            f"{step} to continue it, or train.resume=fresh to start a new run (the old one is moved aside)"
+        )
+    changes = config_changes(saved, cfg.model_dump(mode="json"))
+    state = "; ".join(f"{k}: {v}" for k, v in changes.items() if k.startswith(STATE_KEYS))
+    if state and cfg.train.resume == "auto":
+        raise ResumeError(
+            f"the run in {where} was made with another config: {state}. Resume with the same config, or set "
+            "train.resume=force (resume anyway) or train.resume=fresh (start again; the old run is moved aside)"
+        )
+    if state:
+        console.print(f"[yellow]train.resume=force: resuming despite {state}[/]")
+    other = "; ".join(f"{k}: {v}" for k, v in changes.items() if not k.startswith(STATE_KEYS))
+    if other:
+        console.print(f"[dim]resuming with {other}[/]")
+
+
+def _move_run_aside(out: Path, console: Console) -> None:
+    """``train.resume=fresh``: move an earlier run's files into ``out/previous-<time>/`` (nothing deleted)."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        aside = out / time.strftime("previous-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for path in found:
+            path.rename(aside / path.name)
+        console.print(f"train.resume=fresh: moved {', '.join(p.name for p in found)} to {aside}")
+
+
+def checkpoint_state(directory: Path) -> str:
+    """What a rerun would resume from: the newest finished checkpoint, or that there is none."""
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        return f"no checkpoint was saved in {directory}: a rerun starts from step 0"
+    return f"the newest checkpoint is step {steps[-1]} in {directory}: a rerun resumes from it"
 
 
 def _train(run: Run, console: Console) -> dict:
@@ -166,9 +262,10 @@ def _train(run: Run, console: Console) -> dict:
                 state = run.source.get_state()
                 run.checkpointer.save(step, trainer.state, state, cfg.model_dump(mode="json"), force=True)
             if stop["signal"]:
-                console.print(f"received {stop['signal']}: checkpoint saved at step {step}, stopping")
                 break
     run.checkpointer.wait()
+    if stop["signal"]:
+        raise TrainingStopped(stop["signal"], int(trainer.state["step"]), run.out / "checkpoints")
     losses = monitor.losses
     summary = {
         "steps": int(trainer.state["step"]),
@@ -220,7 +317,7 @@ def _stop_on_signals(stop: dict):
     """SIGTERM / SIGINT set ``stop['signal']``; the loop checkpoints and exits after the current step."""
 
     def handler(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
+        stop["signal"] = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

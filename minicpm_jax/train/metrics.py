@@ -1,4 +1,5 @@
-"""Run metrics: JSONL file + TensorBoard (tensorboardX), appended across resumes."""
+"""Run metrics: JSONL file + TensorBoard (tensorboardX), appended across resumes (``rewind`` first drops
+the records of steps after the resumed one, so ``metrics.jsonl`` never repeats a step)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ class MetricsLogger:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.directory / "metrics.jsonl", "a", buffering=1)
         self.tb = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def rewind(self, step: int) -> None:
+        """Drop the JSONL records of steps after ``step`` (rewritten via a temp file)."""
+        path = self.directory / "metrics.jsonl"
+        self.jsonl.close()
+        kept = [r for r in read_metrics(self.directory) if r.get("step", 0) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+        self.jsonl = open(path, "a", buffering=1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         values = {k: float(v) for k, v in values.items() if v is not None}

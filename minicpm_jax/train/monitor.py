@@ -10,7 +10,6 @@ device (``train.step``), so between flushes the host only enqueues work and prep
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jax
 from rich.console import Console
@@ -33,13 +32,11 @@ class StepMonitor:
         console: Console,
         *,
         max_consecutive_nonfinite: int,
-        checkpoint_dir: Path,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
     ):
         self.logger, self.console = logger, console
         self.max_consecutive = max_consecutive_nonfinite
-        self.checkpoint_dir = checkpoint_dir
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.pending: list[tuple[int, dict, int]] = []
         self.losses: list[float] = []  # finite steps' losses, in order
@@ -69,7 +66,7 @@ class StepMonitor:
             if n >= self.max_consecutive:
                 raise TrainingDiverged(
                     f"{n} consecutive non-finite steps (train.max_consecutive_nonfinite={self.max_consecutive}) "
-                    f"at step {step}; stopping. The last good checkpoint is kept in {self.checkpoint_dir}"
+                    f"at step {step}; stopping"
                 )
         newest = fetched[-1]
         tokens_per_s = sum(tokens) / elapsed

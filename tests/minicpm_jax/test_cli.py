@@ -10,7 +10,8 @@ from minicpm_jax.ckpt import load_model
 
 def run(capsys, *argv):
     code = cli.main(list(argv))
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 @pytest.mark.parametrize(
@@ -91,13 +92,20 @@ def test_outputs_never_replace_other_files(capsys, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("{}\n")
+    assert run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"))[0] == 0
     for command in (["export-hf", "tiny-minicpm4", str(run_dir)], ["import-hf", str(tmp_path / "hf"), str(run_dir)]):
-        if command[0] == "import-hf":
-            assert run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"))[0] == 0
         code, out = run(capsys, *command)
-        assert code == 2 and "not an earlier output of this kind" in out and "nothing was written" in out, out
+        assert code == 2 and "give --overwrite" in out, out
+        code, out = run(capsys, *command, "--overwrite")
+        assert code == 2 and "contains a training run" in out and "nothing written" in out, out
         assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl"]
-    code, _ = run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"), "seed=4")  # an earlier export: replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, out = run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "other"), "--overwrite")
+    assert code == 2 and "not an earlier output of this kind" in out and (tmp_path / "other" / "notes.txt").is_file()
+    code, _ = run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"), "seed=4")
+    assert code == 2
+    code, _ = run(capsys, "export-hf", "tiny-minicpm4", str(tmp_path / "hf"), "seed=4", "--overwrite")
     assert code == 0 and sorted(p.name for p in (tmp_path / "hf").iterdir() if p.suffix == ".safetensors")
 
 

@@ -133,7 +133,7 @@ def test_sigkill_in_stage_two_resumes_there_and_the_export_imports_back(tmp_path
 def test_bad_recipes_fail_with_one_clear_error(tmp_path, capsys, teacher, overrides, message):
     recipe = _recipe(tmp_path, teacher)
     assert main(["convert", "--config", str(recipe), *overrides]) == 2
-    err = " ".join(capsys.readouterr().out.split())
+    err = " ".join(capsys.readouterr().err.split())
     assert "error:" in err and message in err, err
     assert not (tmp_path / "run" / "stage-0-transfer").exists()
 

@@ -40,10 +40,10 @@ def test_eval_cli_writes_reports(checkpoint, tmp_path, capsys):
 
 def test_eval_cli_errors(checkpoint, tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--tasks", "nope"]) == 2
-    assert "unknown eval task(s) ['nope']" in capsys.readouterr().out
+    assert "unknown eval task(s) ['nope']" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--config", str(tmp_path / "no.yaml")]) == 2
-    assert "--config: no such file" in capsys.readouterr().out
+    assert "--config: no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("taskz: {}\n")
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--config", str(bad)]) == 2
-    assert "taskz: unknown key" in capsys.readouterr().out
+    assert "taskz: unknown key" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="dtype='fp8'"):
         factory.create_from_arg_string("checkpoint=tiny-minicpm4,dtype=fp8")
     assert cli.main(["eval", "--checkpoint", "x", "--lm-eval", "nope", "--tasks", "perplexity"]) == 2
-    assert "harness tasks alone" in capsys.readouterr().out
+    assert "harness tasks alone" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
     assert cli.main(["eval", "--checkpoint", "x", "--lm-eval", "tiny_mc"]) == 2
-    assert "pip install 'minicpm-jax[eval]'" in capsys.readouterr().out
+    assert "pip install 'minicpm-jax[eval]'" in capsys.readouterr().err

@@ -23,7 +23,8 @@ FIELDS = {"id", "prompt", "completion", "token_ids", "logprobs", "model_logprobs
 
 def run(capsys, *argv):
     code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def read_jsonl(path):
