@@ -1,0 +1,183 @@
+"""Kernels under ``shard_map`` (``minicpm_jax.model.partition``) on 8 fake devices: sharded forward,
+gradient and decode equal the unsharded ones, every kernel call is a manual (``shard_map``) region
+of the lowered program, and the compiled program all-gathers no q/k/v or Lightning state."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from minicpm_jax.config import MeshConfig, load_config
+from minicpm_jax.model import create_model
+from minicpm_jax.model.attention import Attention
+from minicpm_jax.model.lightning import LightningAttention
+from minicpm_jax.model.partition import BATCH, HEADS, Partition
+from minicpm_jax.sharding import make_mesh
+from pallas_kernels.lightning import alibi_slopes, lightning_attention
+
+MESHES = {"d2t4": {"data": 2, "tensor": 4}, "d4f2": {"data": 4, "fsdp": 2}, "d4t2": {"data": 4, "tensor": 2}}
+T_DENSE, T_SPARSE, HEAD_DIM = 16, 80, 16  # tiny configs: dense_len 64, head_dim 16
+B = 8  # divisible by data x fsdp of every mesh
+
+
+def gathered_attention_operands(compiled: str, seq: int) -> list[str]:
+    """All-gathers of rank >= 4 whose result has the sequence length (or one less: a prefill before
+    a decode step) or head_dim among its last two dims: q/k/v and KV caches in any layout, Lightning
+    states. Parameters (rank <= 3) and [B, T, hidden] activations never match."""
+    hits = []
+    for m in re.finditer(r"= \w+\[([\d,]+)\][^=\n]* all-gather\(", compiled):
+        dims = [int(d) for d in m.group(1).split(",")]
+        if len(dims) >= 4 and ({seq, seq - 1} & set(dims) or HEAD_DIM in dims[-2:]):
+            hits.append(m.group(0))
+    return hits
+
+
+def check_partitioned(mesh, fn, args, seq, manual_regions, expect_no_gather=True):
+    """``fn(*args)`` on ``mesh`` equals it without one; returns nothing, asserts the HLO properties."""
+    want = jax.jit(fn)(*args)
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn).lower(*args)
+        got = lowered.compile()(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5), got, want)
+    assert lowered.as_text().count("sdy.manual_computation(") >= manual_regions
+    if expect_no_gather:
+        assert gathered_attention_operands(lowered.compile().as_text(), seq) == []
+
+
+def shard_rows(mesh, x):
+    return jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), *(None,) * (x.ndim - 1))))
+
+
+def mixer_loss(mixer, x, positions, cache=None):
+    out, cache = mixer(x, positions, None, cache)
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), cache
+
+
+def grad_fn(mixer):
+    graphdef, state = nnx.split(mixer)
+
+    def f(state, x, positions):
+        return jax.value_and_grad(lambda s, x: mixer_loss(nnx.merge(graphdef, s), x, positions)[0], (0, 1))(state, x)
+
+    return f, state
+
+
+@pytest.mark.parametrize("mesh_name,t", [("d2t4", T_DENSE), ("d4f2", T_DENSE), ("d4t2", T_SPARSE), ("d2t4", T_SPARSE)])
+def test_attention_mixer_forward_and_grad(mesh_name, t):
+    """Dense (below dense_len) and InfLLM v2 sparse (pallas_tpu, interpreted) prefill, GQA 4:2."""
+    cfg = load_config("tiny-minicpm4-sparse").model
+    mixer = Attention(
+        cfg, init_std=0.1, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, implementation="pallas_tpu"
+    )
+    mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
+    x = shard_rows(mesh, jax.random.normal(jax.random.key(1), (B, t, cfg.hidden_size)))
+    positions = jnp.broadcast_to(jnp.arange(t), (B, t))
+    f, state = grad_fn(mixer)
+    # tensor=4 > Hkv=2 splits GQA groups: InfLLM v2 selection needs whole groups, so its heads are replicated.
+    split_sparse = t == T_SPARSE and mesh.shape["tensor"] > cfg.num_key_value_heads
+    check_partitioned(mesh, f, (state, x, positions), t, manual_regions=2, expect_no_gather=not split_sparse)
+
+
+def test_lightning_kernel_pallas_under_shard_map():
+    """The Pallas TPU Lightning kernel (interpreted), forward and backward, sharded over rows and heads."""
+    mesh = make_mesh(MeshConfig(**MESHES["d2t4"]))
+    h, t = 4, 32
+    q, k, v = (shard_rows(mesh, jax.random.normal(jax.random.key(i), (B, t, h, HEAD_DIM))) for i in range(3))
+    log_decay = -jnp.asarray(alibi_slopes(h))
+
+    def loss(q, k, v):
+        part, spec = Partition(B, h), P(BATCH, None, HEADS, None)
+        fn = lambda q, k, v, g: lightning_attention(
+            q, k, v, g, implementation="pallas_tpu", interpret=True, chunk_size=16
+        )
+        return jnp.sum(jnp.sin(part(fn, (spec, spec, spec, P(HEADS)), spec)(q, k, v, log_decay)))
+
+    check_partitioned(mesh, jax.value_and_grad(loss, (0, 1, 2)), (q, k, v), t, manual_regions=2)
+
+
+@pytest.mark.parametrize("mesh_name", ["d2t4", "d4f2"])
+def test_lightning_mixer_forward_grad_and_decode(mesh_name):
+    cfg = load_config("tiny-sala").model
+    mixer = LightningAttention(cfg, init_std=0.1, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
+    t = 24
+    x = shard_rows(mesh, jax.random.normal(jax.random.key(1), (B, t, cfg.hidden_size)))
+    positions = jnp.broadcast_to(jnp.arange(t), (B, t))
+    f, state = grad_fn(mixer)
+    check_partitioned(mesh, f, (state, x, positions), t, manual_regions=2)
+
+    graphdef = nnx.graphdef(mixer)
+
+    def prefill_decode(state, x):  # chunked prefill of t - 1 tokens from the cache, then one decode step
+        m = nnx.merge(graphdef, state)
+        cache = m.init_cache(B, t, jnp.float32)
+        o1, cache = m(x[:, :-1], positions[:, :-1], None, cache)
+        o2, cache = m(x[:, -1:], positions[:, -1:], None, cache)
+        return o1, o2, cache.state
+
+    check_partitioned(mesh, prefill_decode, (state, x), t, manual_regions=2)
+
+
+MODELS = [
+    ("tiny-minicpm4", "d2t4", T_DENSE),
+    ("tiny-minicpm4-sparse", "d4t2", T_SPARSE),
+    ("tiny-sala", "d4f2", T_SPARSE),
+    ("tiny-sala", "d4t2", T_SPARSE),
+]
+
+
+@pytest.mark.parametrize("name,mesh_name,t", MODELS)
+def test_model_forward_grad_and_decode(name, mesh_name, t):
+    """Whole models (dense MiniCPM4, sparse MiniCPM4 above dense_len, hybrid SALA): logits, gradient,
+    prefill + decode step sharded == unsharded, each layer's kernels in manual regions, no gathers."""
+    cfg = load_config(name).model
+    mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
+    kw = {"seed": 3, "dtype": jnp.float32, "attention_impl": "pallas_tpu"}
+    sharded, plain = create_model(cfg, mesh=mesh, **kw), create_model(cfg, **kw)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, t)))
+    graphdef = nnx.graphdef(plain)
+    layers = cfg.num_hidden_layers
+
+    def loss(state, ids):
+        logits = nnx.merge(graphdef, state)(ids)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    def train(state, ids):
+        return jax.value_and_grad(loss, has_aux=True)(state, ids)
+
+    want = jax.jit(train)(nnx.state(plain), ids)
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(train).lower(nnx.state(sharded), ids)
+        got = lowered.compile()(nnx.state(sharded), ids)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+    jax.tree.map(close, got, want)
+    assert lowered.as_text().count("sdy.manual_computation(") >= 2 * layers  # forward and backward of each
+    assert gathered_attention_operands(lowered.compile().as_text(), t) == []
+
+    def generate(state, ids):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.prefill(ids[:, :-1], m.init_cache(B, t))
+        step, cache = m.decode_step(ids[:, -1], cache)
+        return logits, step
+
+    want = jax.jit(generate)(nnx.state(plain), ids)
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(generate).lower(nnx.state(sharded), ids)
+        got = lowered.compile()(nnx.state(sharded), ids)
+    jax.tree.map(close, got, want)
+    assert lowered.as_text().count("sdy.manual_computation(") >= 2 * layers  # prefill and decode of each
+    assert gathered_attention_operands(lowered.compile().as_text(), t) == []
+
+
+def test_sequence_axis_is_refused():
+    cfg = load_config("tiny-minicpm4").model
+    mixer = Attention(cfg, init_std=0.1, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    x, positions = jnp.zeros((4, 8, cfg.hidden_size)), jnp.broadcast_to(jnp.arange(8), (4, 8))
+    mesh = make_mesh(MeshConfig(data=4, sequence=2))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="mesh axis 'sequence' has size 2"):
+        jax.jit(lambda x: mixer(x, positions, None))(x)
