@@ -7,6 +7,8 @@ so the state path of every parameter *is* its checkpoint key.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -84,7 +86,12 @@ class MiniCPMForCausalLM(nnx.Module):
     ``dtype`` is the compute dtype, ``param_dtype`` the master-weight dtype. Initialisation is muP:
     every matrix ~ N(0, (initializer_range / sqrt(hidden/dim_model_base))^2), norms = 1.
     ``attention_impl`` / ``lightning_impl`` choose the InfLLM v2 / Lightning kernels (``"auto"``
-    picks by backend); they are runtime options, not part of the config.
+    picks by backend); they are runtime options, not part of the config. So is ``scan_layers``:
+    runs of consecutive layers of one mixer kind go through one ``lax.scan`` (see ``_scan``), so the
+    compiled program holds one copy of each kind's layer instead of one per layer. Parameters stay
+    stored per layer (``model.layers.<i>...``), so checkpoints do not depend on it. Cached calls
+    (``extend`` / ``step`` / ``prefill`` / ``decode_step``) always run the layer loop: a scan would
+    stack, i.e. copy, every layer's cache on each decoded token.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class MiniCPMForCausalLM(nnx.Module):
         param_dtype=jnp.float32,
         attention_impl: str = "auto",
         lightning_impl: str = "auto",
+        scan_layers: bool = False,
     ):
         errors = [
             f"{name}={value!r}: expected one of {['auto', *allowed]}"
@@ -107,7 +115,7 @@ class MiniCPMForCausalLM(nnx.Module):
         ]
         if errors:
             raise ValueError("; ".join(errors))
-        self.config, self.dtype = cfg, dtype
+        self.config, self.dtype, self.scan_layers = cfg, dtype, bool(scan_layers)
         init_std = mup_init_std(cfg.initializer_range, cfg.hidden_size, cfg.dim_model_base)
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.model = MiniCPMModel(cfg, attention_impl=attention_impl, lightning_impl=lightning_impl, **kw)
@@ -115,26 +123,66 @@ class MiniCPMForCausalLM(nnx.Module):
             None if cfg.tie_word_embeddings else Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw)
         )
 
-    def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none", valid=None):
+    def _run(self, input_ids, positions, segment_ids, caches, remat: str = "none", valid=None, collect_io=False):
         """Final-norm hidden states, the updated per-layer caches (``caches``: None or one per layer)
-        and each layer's mixer ``(input, output)`` (unused outputs cost nothing under ``jit``)."""
+        and, with ``collect_io``, each layer's mixer ``(input, output)`` (else a list of None)."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.model.embed_tokens(input_ids) * jnp.asarray(self.config.scale_emb, self.dtype)
         x = constrain(x, ("batch", "act_seq", "act_embed"))
 
-        def run(layer, x, cache):
-            return layer(x, positions, segment_ids, cache, valid)
+        def run(layer, x, cache=None):
+            x, cache, io = layer(x, positions, segment_ids, cache, valid)
+            return x, cache, io if collect_io else None
+
+        layers, n = list(self.model.layers), len(self.model.layers)
+        caches = caches or [None] * n
+        scan = self.scan_layers and all(c is None for c in caches)
+        if scan:
+            kinds = self.config.layer_mixers
+            runs = [len(list(g)) for _, g in itertools.groupby(kinds)]
+        else:
+            runs = [1] * n
+        loop_run = run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
+        new, mixer_io, start = [], [], 0
+        for size in runs:
+            if size == 1:
+                x, cache, io = loop_run(layers[start], x, caches[start])
+                new.append(cache)
+                mixer_io.append(io)
+            else:
+                x, ios = self._scan(layers[start : start + size], x, run, remat)
+                new += [None] * size
+                mixer_io += (
+                    [None] * size if ios is None else [jax.tree.map(lambda a, i=i: a[i], ios) for i in range(size)]
+                )
+            start += size
+        return self.model.norm(x), tuple(new), mixer_io
+
+    def _scan(self, layers, x, run, remat):
+        """``(x, stacked mixer io or None)`` after ``layers`` (one kind) as one ``lax.scan``.
+
+        Each step merges one layer from slices of the per-layer states stacked here. Float
+        parameters are stacked already cast to the compute dtype, which every layer casts them to
+        at use anyway (exact), so the stacked copy is the size of the casts the loop makes; the
+        backward of the stack slices the gradients back to the per-layer parameters.
+        """
+        graphdef, state = nnx.split(layers[0])
+        states = [state] + [nnx.split(layer)[1] for layer in layers[1:]]
+
+        def cast(a):
+            return a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+        stacked = jax.tree.map(lambda *a: jnp.stack([cast(y) for y in a]), *states)
+
+        def step(x, layer_state):
+            x, _, io = run(nnx.merge(graphdef, layer_state), x)
+            return x, io
 
         if remat != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[remat])
-        new, mixer_io = [], []
-        for layer, cache in zip(self.model.layers, caches or [None] * len(self.model.layers)):
-            x, cache, io = run(layer, x, cache)
-            new.append(cache)
-            mixer_io.append(io)
-        return self.model.norm(x), tuple(new), mixer_io
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return jax.lax.scan(step, x, stacked)
 
     def hidden_states(
         self,
@@ -154,7 +202,7 @@ class MiniCPMForCausalLM(nnx.Module):
         self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
     ) -> list[tuple[jax.Array, jax.Array]]:
         """Per layer, the mixer's input (``input_layernorm`` output) and output ``[B, T, H]`` each."""
-        return self._run(input_ids, positions, segment_ids, None)[2]
+        return self._run(input_ids, positions, segment_ids, None, collect_io=True)[2]
 
     def logits(self, h: jax.Array) -> jax.Array:
         """fp32 logits of final hidden states: ``lm_head(h / (hidden/dim_model_base))``."""

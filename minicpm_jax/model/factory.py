@@ -29,10 +29,11 @@ def abstract_model(
     param_dtype=jnp.float32,
     attention_impl: str = "auto",
     lightning_impl: str = "auto",
+    scan_layers: bool = False,
 ) -> MiniCPMForCausalLM:
     """The model with ``ShapeDtypeStruct`` leaves: nothing is allocated.
 
-    ``attention_impl`` / ``lightning_impl``: kernel choice (runtime options of ``MiniCPMForCausalLM``).
+    ``attention_impl`` / ``lightning_impl`` / ``scan_layers``: runtime options of ``MiniCPMForCausalLM``.
     """
     return nnx.eval_shape(
         lambda: MiniCPMForCausalLM(
@@ -42,6 +43,7 @@ def abstract_model(
             param_dtype=param_dtype,
             attention_impl=attention_impl,
             lightning_impl=lightning_impl,
+            scan_layers=scan_layers,
         )
     )
 
@@ -84,17 +86,15 @@ def create_model(
     param_dtype=jnp.float32,
     attention_impl: str = "auto",
     lightning_impl: str = "auto",
+    scan_layers: bool = False,
 ) -> MiniCPMForCausalLM:
     """A freshly initialised model; with ``mesh``, every parameter is created already sharded."""
 
     def init():
         return nnx.split(MiniCPMForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype))[1]
 
-    graphdef, abstract_state = nnx.split(
-        abstract_model(
-            cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, lightning_impl=lightning_impl
-        )
-    )
+    impls = dict(attention_impl=attention_impl, lightning_impl=lightning_impl, scan_layers=scan_layers)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **impls))
     out_shardings = state_shardings(abstract_state, mesh) if mesh is not None else None
     state = jax.jit(init, out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)
