@@ -18,9 +18,8 @@ from rich.console import Console
 
 from minicpm_jax.ckpt import load_model
 from minicpm_jax.config import CONFIG_DIR, load_recipe
-from minicpm_jax.data import build_tokenizer, make_eval_batches
+from minicpm_jax.data import load_tokenizer, make_eval_batches
 from minicpm_jax.generate import generate
-from minicpm_jax.generate.text import load_tokenizer
 from minicpm_jax.info import human_count
 from minicpm_jax.interop import load_hf_checkpoint, save_hf_checkpoint
 from minicpm_jax.model import param_count
@@ -51,7 +50,7 @@ def run_demo(output: Path, overrides: list[str], console: Console) -> dict[str, 
     )
 
     _, model = load_model(run_dir / "final", dtype=jnp.float32)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     batch = make_eval_batches(
         cfg.data,
         tokenizer=tokenizer,

@@ -20,6 +20,7 @@ from rich.console import Console
 from minicpm_jax.ckpt import is_native_checkpoint, load_any
 from minicpm_jax.config.loading import ConfigError, build_config
 from minicpm_jax.config.schema import MeshConfig
+from minicpm_jax.data.tokenizer import has_tokenizer
 from minicpm_jax.distill.cold_start import SFTSource, teacher_rollouts, write_rollouts
 from minicpm_jax.distill.compat import check_compatible
 from minicpm_jax.distill.losses import LossOptions
@@ -83,7 +84,7 @@ def run_config(recipe: DistillRecipe, student_cfg, student_dir: str, frozen: boo
     """The engine's run config: rows = prompts_per_step x n of ``max_prompt + max_new - 1`` inputs; with
     ``sft`` (``seq_len``, ``rows``, ``output_dir``, ``steps``, ``learning_rate``) the cold start's SFT run."""
     ro = recipe.rollout
-    tokenizer = str(student_dir) if (Path(student_dir) / "tokenizer.json").is_file() else None
+    tokenizer = str(student_dir) if has_tokenizer(student_dir) else None
     train = {
         **recipe.train,
         "global_batch_size": ro.n * ro.prompts_per_step,

@@ -7,37 +7,27 @@ give one clear error naming the file (and the line, for JSONL) for a missing fil
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
+from minicpm_jax.data.tokenizer import check_vocab, load_tokenizer
+
 
 def byte_tokenizer():
-    """The byte-level tokenizer of training runs as a ``minicpm_jax.generate.text.Tokenizer``."""
-    from minicpm_jax.generate.text import load_tokenizer, write_byte_tokenizer_marker
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_byte_tokenizer_marker(tmp)
-        return load_tokenizer(tmp)
+    """The byte-level tokenizer of training runs (``load_tokenizer(None)``)."""
+    return load_tokenizer(None)
 
 
 def tokenizer_of(source: str | Path):
     """The tokenizer saved with a checkpoint directory; the byte-level one for a preset (none is saved)."""
-    from minicpm_jax.generate.text import load_tokenizer
-
-    return load_tokenizer(source) if Path(source).is_dir() else byte_tokenizer()
+    return load_tokenizer(source if Path(source).is_dir() else None)
 
 
 def data_tokenizer(source: str | None):
-    """The tokenizer of a run's ``data.tokenizer`` (a ``tokenizer.json`` file or its directory; None:
-    byte-level) as evaluation tasks take it."""
-    from minicpm_jax.generate.text import load_tokenizer
-
-    if source is None:
-        return byte_tokenizer()
-    return load_tokenizer(source if Path(source).is_dir() else Path(source).parent)
+    """The tokenizer of a run's ``data.tokenizer`` (a tokenizer file or directory; None: byte-level)."""
+    return load_tokenizer(source)
 
 
 def load_model_and_tokenizer(
@@ -52,8 +42,6 @@ def load_model_and_tokenizer(
     """``(model config, model, tokenizer)``; the tokenizer comes from ``tokenizer`` (a directory), else
     the checkpoint directory, else (a preset) the byte-level tokenizer."""
     from minicpm_jax.ckpt import load_any
-    from minicpm_jax.data.tokenizer import check_vocab
-    from minicpm_jax.generate.text import load_tokenizer
 
     tok = load_tokenizer(tokenizer) if tokenizer is not None else tokenizer_of(source)
     cfg, model = load_any(source, mesh=mesh, dtype=dtype, param_dtype=param_dtype, seed=seed)

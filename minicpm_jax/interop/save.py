@@ -6,7 +6,6 @@ The host holds one shard's tensors at a time; each parameter is gathered from it
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
@@ -16,20 +15,18 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.data.tokenizer import (  # noqa: F401 (TOKENIZER_*, copy_tokenizer, has_tokenizer: for ckpt, cli)
+    TOKENIZER_FILES,
+    TOKENIZER_MAIN_FILES,
+    copy_tokenizer,
+    has_tokenizer,
+    save_tokenizer,
+)
 from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, is_hf_checkpoint, plan_shards, write_json
 from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "byte_tokenizer.json")  # one of these is a tokenizer
-TOKENIZER_FILES = (
-    *TOKENIZER_MAIN_FILES,
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
 
 
 def save_hf_checkpoint(
@@ -77,22 +74,6 @@ def save_hf_checkpoint(
             )
         write_json(tmp / "config.json", hf_config)
         write_json(tmp / "generation_config.json", generation_config(config))
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
+        if tokenizer_dir is not None:  # its generation_config.json wins over ours
+            save_tokenizer(tokenizer_dir, tmp)
     return Path(directory)
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
-    """Copy the tokenizer files present in ``src`` (its generation_config.json wins over ours)."""
-    src = Path(src)
-    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not has_tokenizer(src):
-        raise FileNotFoundError(f"tokenizer_dir {src}: none of {', '.join(TOKENIZER_MAIN_FILES)}")
-    for name in found:
-        shutil.copy2(src / name, dst / name)
-    return found
-
-
-def has_tokenizer(directory: str | Path) -> bool:
-    """True when ``directory`` holds a tokenizer (``tokenizer.json``, ``tokenizer.model`` or the byte marker)."""
-    return any((Path(directory) / name).is_file() for name in TOKENIZER_MAIN_FILES)

@@ -202,4 +202,4 @@ def test_missing_tokenizer_error(capsys, no_tokenizer):
     code, text = run(capsys, "generate", "--checkpoint", no_tokenizer, "--prompt", "a")
     assert code == 2 and "looked for tokenizer.json, tokenizer.model, byte_tokenizer.json" in text, text
     code, text = run(capsys, "generate", "--checkpoint", "tiny-minicpm4", "--prompt", "a")  # a preset: no directory
-    assert code == 2 and "not a directory" in text, text
+    assert code == 2 and "no such file or directory tiny-minicpm4" in text, text

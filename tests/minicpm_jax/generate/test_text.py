@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minicpm_jax.generate.text import (
-    StreamDecoder,
-    encode_prompt,
-    load_tokenizer,
-    render_chat,
-    write_byte_tokenizer_marker,
-)
+from minicpm_jax.data.tokenizer import load_tokenizer, write_byte_tokenizer_marker
+from minicpm_jax.generate.text import StreamDecoder, encode_prompt, render_chat
 
 MINICPM4_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "minicpm4-tokenizer"
 
@@ -150,7 +145,7 @@ def test_byte_marker_directory(tmp_path):
 def test_missing_tokenizer_lists_what_was_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json, tokenizer.model, byte_tokenizer.json"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_tokenizer(tmp_path / "missing")
 
 
