@@ -101,11 +101,17 @@ def cmd_info(args) -> None:
 def _plan_meshes(args):
     from minicpm_jax.config import MeshConfig
 
-    meshes = [
-        MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
-        for spec in args.plan_meshes.split(";")
-    ]
-    return meshes, [int(b) for b in args.plan_batch_sizes.split(",")]
+    try:
+        meshes = [
+            MeshConfig(**{k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+            for spec in args.plan_meshes.split(";")
+        ]
+        return meshes, [int(b) for b in args.plan_batch_sizes.split(",")]
+    except ValueError:  # also pydantic's ValidationError (an unknown axis)
+        raise ValueError(
+            f"--plan-meshes {args.plan_meshes!r} / --plan-batch-sizes {args.plan_batch_sizes!r}: expected "
+            "'fsdp=8;fsdp=4,tensor=2' (axes data, fsdp, tensor, sequence) and '8,16'"
+        ) from None
 
 
 def _print_train_plan(cfg, args) -> None:

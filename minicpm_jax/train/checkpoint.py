@@ -39,6 +39,7 @@ class TrainCheckpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         handlers["config"] = ocp.JsonCheckpointHandler()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.verified: set[int] = set()  # steps whose manifest matched
 
     def save(self, step: int, state: dict, data_state: dict, config: dict, *, force: bool = False) -> bool:
         self.wait()  # the previous save is finished (orbax waits too) and gets its manifest
@@ -50,50 +51,64 @@ class TrainCheckpointer:
             force=force,
         )
 
-    def restore_latest(
-        self, abstract_state: Any, check: Callable[[int, dict], None] | None = None
-    ) -> tuple[int, dict, dict, dict] | None:
-        """Newest intact checkpoint as ``(step, state, data_state, config)``, or None if there is none.
+    def latest_config(self, check: Callable[[int, dict], None] | None = None) -> tuple[int, dict] | None:
+        """``(step, saved config)`` of the newest intact checkpoint (damaged ones are moved aside), or None.
 
         ``check(step, saved_config)`` may refuse the resume by raising ``ResumeError`` (propagated).
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            problem = verify_manifest(self.directory / str(step))
+            problem = None if step in self.verified else verify_manifest(self.directory / str(step))
             if problem is None:
                 try:
                     config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+                except Exception as e:  # noqa: BLE001 - unreadable: moved aside below, loudly
+                    problem = f"unreadable ({type(e).__name__}: {_first_line(e)})"
+                else:
+                    self.verified.add(step)
                     if check is not None:
                         check(step, config["config"])
-                    _check_shapes(self.manager.item_metadata(step)["state"], abstract_state, self.directory / str(step))
-                    restored = self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            data=ocp.args.JsonRestore(),
-                            config=ocp.args.JsonRestore(),
-                        ),
-                    )
-                    return step, restored["state"], restored["data"], restored["config"]
-                except ResumeError:
-                    raise
-                except Exception as e:  # unreadable: moved aside below, loudly
-                    if (self.directory / str(step) / MANIFEST).is_file():  # intact files: not corruption
-                        raise ResumeError(
-                            f"{self.directory / str(step)}: intact checkpoint that this run cannot restore "
-                            f"({type(e).__name__}: {_first_line(e)})"
-                        ) from e
-                    problem = f"unreadable ({type(e).__name__}: {_first_line(e)})"
-            aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
-            (self.directory / str(step)).rename(aside)
-            self.manager.reload()
-            log.warning(
-                "skipping checkpoint step %d in %s: %s; moved it to %s and trying an older one",
-                step,
-                self.directory,
-                problem,
-                aside.name,
-            )
+                    return step, config["config"]
+            self._move_aside(step, problem)
         return None
+
+    def restore_latest(
+        self, abstract_state: Any, check: Callable[[int, dict], None] | None = None
+    ) -> tuple[int, dict, dict, dict] | None:
+        """Newest intact checkpoint as ``(step, state, data_state, config)``, or None if there is none."""
+        while (found := self.latest_config(check)) is not None:
+            step, step_dir = found[0], self.directory / str(found[0])
+            _check_shapes(self.manager.item_metadata(step)["state"], abstract_state, step_dir)
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                        config=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as e:  # unreadable, unless its files are intact
+                if (step_dir / MANIFEST).is_file():
+                    raise ResumeError(
+                        f"{step_dir}: intact checkpoint that this run cannot restore ({type(e).__name__}: "
+                        f"{_first_line(e)})"
+                    ) from e
+                self._move_aside(step, f"unreadable ({type(e).__name__}: {_first_line(e)})")
+                continue
+            return step, restored["state"], restored["data"], restored["config"]
+        return None
+
+    def _move_aside(self, step: int, problem: str) -> None:
+        aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
+        (self.directory / str(step)).rename(aside)
+        self.manager.reload()
+        log.warning(
+            "skipping checkpoint step %d in %s: %s; moved it to %s and trying an older one",
+            step,
+            self.directory,
+            problem,
+            aside.name,
+        )
 
     def wait(self) -> None:
         """Wait for the save in flight; write the manifest of every finished checkpoint lacking one."""

@@ -125,39 +125,50 @@ def run_training(
 
 
 def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices=None) -> Run:
-    """Mesh (over ``devices``, default all), weights, frozen state, data, trainer, checkpointer and monitor."""
+    """Checkpointer and metrics first (an unwritable output or a refused resume fails before any compute),
+    then mesh (over ``devices``, default all), weights, frozen state, data, trainer and monitor."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
     if tc.resume == "fresh":
         _move_run_aside(out, console)
-    mesh = make_mesh(cfg.mesh, devices)
-    check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
-    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    if model is None and tc.init_from:
-        model_cfg, model = load_any(tc.init_from, mesh=mesh, **dtypes)
-        if model_cfg != cfg.model:
-            console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
-            cfg = cfg.model_copy(update={"model": model_cfg})
-    if frozen is None:
-        frozen = load_frozen(tc.frozen, mesh=mesh, dtype=dtypes["dtype"])
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    data_kw = dict(
-        tokenizer=tokenizer, vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.max_position_embeddings
-    )
-    if source is None:
-        source = GrainSource(
-            make_train_iterator(
-                cfg.data,
-                global_batch_size=tc.global_batch_size,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                **data_kw,
-            )
+    checkpointer, logger = TrainCheckpointer(out / "checkpoints", keep=tc.keep_checkpoints), None
+    try:
+        logger = MetricsLogger(out)
+        mesh = make_mesh(cfg.mesh, devices)
+        check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
+        dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        if model is None and tc.init_from:
+            model_cfg, model = load_any(tc.init_from, mesh=mesh, **dtypes)
+            if model_cfg != cfg.model:
+                console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
+                cfg = cfg.model_copy(update={"model": model_cfg})
+        checkpointer.latest_config(functools.partial(_check_resume, cfg, None))  # refused before any compute
+        if frozen is None:
+            frozen = load_frozen(tc.frozen, mesh=mesh, dtype=dtypes["dtype"])
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        data_kw = dict(
+            tokenizer=tokenizer,
+            vocab_size=cfg.model.vocab_size,
+            max_position_embeddings=cfg.model.max_position_embeddings,
         )
-    eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
-    trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model, frozen=frozen, trainable=trainable)
-    checkpointer = TrainCheckpointer(out / "checkpoints", keep=tc.keep_checkpoints)
+        if source is None:
+            source = GrainSource(
+                make_train_iterator(
+                    cfg.data,
+                    global_batch_size=tc.global_batch_size,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                    **data_kw,
+                )
+            )
+        eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
+        trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model, frozen=frozen, trainable=trainable)
+    except BaseException:
+        checkpointer.close()
+        if logger is not None:
+            logger.close()
+        raise
     monitor = StepMonitor(
-        MetricsLogger(out),
+        logger,
         console,
         max_consecutive_nonfinite=tc.max_consecutive_nonfinite,
         flops_per_token=train_flops_per_token(cfg.model, cfg.data.seq_len),
@@ -197,8 +208,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_resume(cfg: Config, console: Console, step: int, saved: dict) -> None:
-    """Refuse (``ResumeError``) a resume whose config changes the state, or whose train.steps is behind it."""
+def _check_resume(cfg: Config, console: Console | None, step: int, saved: dict) -> None:
+    """Refuse (``ResumeError``) a resume whose config changes the state, or whose train.steps is behind it;
+    print the accepted differences to ``console`` (if given)."""
     where = f"{cfg.train.output_dir}/checkpoints (step {step})"
     if step > cfg.train.steps:
         raise ResumeError(
@@ -212,10 +224,10 @@ def _check_resume(cfg: Config, console: Console, step: int, saved: dict) -> None
             f"the run in {where} was made with another config: {state}. Resume with the same config, or set "
             "train.resume=force (resume anyway) or train.resume=fresh (start again; the old run is moved aside)"
         )
-    if state:
-        console.print(f"[yellow]train.resume=force: resuming despite {state}[/]")
     other = "; ".join(f"{k}: {v}" for k, v in changes.items() if not k.startswith(STATE_KEYS))
-    if other:
+    if console is not None and state:
+        console.print(f"[yellow]train.resume=force: resuming despite {state}[/]")
+    if console is not None and other:
         console.print(f"[dim]resuming with {other}[/]")
 
 
