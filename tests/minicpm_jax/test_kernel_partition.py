@@ -28,12 +28,16 @@ B = 8  # divisible by data x fsdp of every mesh
 def gathered_attention_operands(compiled: str, seq: int) -> list[str]:
     """All-gathers of rank >= 4 whose result has the sequence length (or one less: a prefill before
     a decode step) or head_dim among its last two dims: q/k/v and KV caches in any layout, Lightning
-    states. Parameters (rank <= 3) and [B, T, hidden] activations never match."""
+    states. Parameters (rank <= 3) and [B, T, hidden] activations never match. Not counted: the
+    gradient of the K/V projection weights (replicated over ``tensor``, like the KV heads), which
+    gathers dk/dv outside the kernels (its op is the transpose of the projection einsum)."""
     hits = []
-    for m in re.finditer(r"= \w+\[([\d,]+)\][^=\n]* all-gather\(", compiled):
+    for m in re.finditer(r"= \w+\[([\d,]+)\][^=\n]* all-gather\(.*", compiled):
         dims = [int(d) for d in m.group(1).split(",")]
+        if "transpose(jvp(abi,imn->abmn))/dot_general" in m.group(0):
+            continue
         if len(dims) >= 4 and ({seq, seq - 1} & set(dims) or HEAD_DIM in dims[-2:]):
-            hits.append(m.group(0))
+            hits.append(m.group(0)[:200])
     return hits
 
 
@@ -123,21 +127,21 @@ def test_lightning_mixer_forward_grad_and_decode(mesh_name):
     check_partitioned(mesh, prefill_decode, (state, x), t, manual_regions=2)
 
 
+SALA_2 = ["model.num_hidden_layers=2", "model.mixer_types=[minicpm4, lightning-attn]"]  # one layer of each kind
 MODELS = [
-    ("tiny-minicpm4", "d2t4", T_DENSE),
-    ("tiny-minicpm4-sparse", "d4t2", T_SPARSE),
-    ("tiny-sala", "d4f2", T_SPARSE),
-    ("tiny-sala", "d4t2", T_SPARSE),
+    ("tiny-minicpm4", [], "d2t4", T_DENSE),
+    ("tiny-minicpm4-sparse", [], "d4t2", T_SPARSE),
+    ("tiny-sala", SALA_2, "d4f2", T_SPARSE),
 ]
 
 
-@pytest.mark.parametrize("name,mesh_name,t", MODELS)
-def test_model_forward_grad_and_decode(name, mesh_name, t):
+@pytest.mark.parametrize("name,overrides,mesh_name,t", MODELS)
+def test_model_forward_grad_and_decode(name, overrides, mesh_name, t):
     """Whole models (dense MiniCPM4, sparse MiniCPM4 above dense_len, hybrid SALA): logits, gradient,
     prefill + decode step sharded == unsharded, each layer's kernels in manual regions, no gathers."""
-    cfg = load_config(name).model
+    cfg = load_config(name, overrides).model
     mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
-    kw = {"seed": 3, "dtype": jnp.float32, "attention_impl": "pallas_tpu"}
+    kw = {"seed": 3, "dtype": jnp.float32}  # "auto" kernels: "xla" on CPU (Pallas: the mixer tests above)
     sharded, plain = create_model(cfg, mesh=mesh, **kw), create_model(cfg, **kw)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, t)))
     graphdef = nnx.graphdef(plain)
