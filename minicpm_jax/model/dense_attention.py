@@ -18,7 +18,6 @@ from minicpm_jax.model import attention as _attention  # module, not names: atte
 
 F32 = jnp.float32
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash")
-REFERENCE_MAX_LEN = 1024  # "auto" on CPU: reference up to this length (faster there), blockwise above
 SPLASH_BLOCKS = (512, 256, 128)
 
 
@@ -29,7 +28,8 @@ def causal_attention(q, k, v, segment_ids=None, *, implementation="auto", block_
     over ``block_size`` key blocks, causal blocks only, custom VJP), ``"cudnn"`` (cuDNN flash attention;
     it has no segment ids, so rows with ``segment_ids`` go blockwise), ``"splash"`` (the Pallas TPU
     splash kernel; ``interpret=True`` runs it on CPU), or ``"auto"``: cudnn on GPU for bf16/fp16,
-    splash on TPU, on CPU reference up to ``REFERENCE_MAX_LEN`` tokens and blockwise above.
+    splash on TPU, blockwise otherwise (on CPU it beat reference at every length measured, 128 to 2048,
+    forward + backward).
     """
     impl = _resolve(implementation, q)
     b, t = q.shape[:2]
@@ -52,7 +52,7 @@ def _resolve(implementation: str, q: jax.Array) -> str:
         return "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else "blockwise"
     if backend == "tpu":
         return "splash"
-    return "reference" if q.shape[1] <= REFERENCE_MAX_LEN else "blockwise"
+    return "blockwise"
 
 
 def _pad_seq(x, length, value=0):

@@ -1,0 +1,175 @@
+"""causal_attention: every CPU-runnable implementation against the plain reference (forward and
+gradient, fp32 and bf16, GQA, packed rows, T not a multiple of the block), TPU/CUDA lowering, errors,
+and memory that grows linearly in T (compile-only memory analysis)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from minicpm_jax.model.dense_attention import causal_attention
+
+B, T, HQ, HKV, D = 2, 200, 6, 2, 16  # GQA groups of 3; T = 3 blocks of 64 + 8
+SEGMENTS = np.array([[1] * 37 + [2] * 100 + [3] * 63, [5] * 150 + [0] * 50], np.int32)  # packed, then padding
+CPU_IMPLS = {
+    "blockwise": {"implementation": "blockwise", "block_size": 64},
+    "splash": {"implementation": "splash", "interpret": True},
+    "cudnn_packed": {"implementation": "cudnn"},  # with segment ids: the documented blockwise fallback
+}
+
+
+def _inputs(dtype, t=T):
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (B, t, HQ, D), dtype)
+    k = jax.random.normal(ks[1], (B, t, HKV, D), dtype)
+    v = jax.random.normal(ks[2], (B, t, HKV, D), dtype)
+    w = jax.random.normal(ks[3], (B, t, HQ, D), jnp.float32)  # cotangent weights: loss = sum(w * out)
+    return q, k, v, w
+
+
+def _value_and_grads(kwargs, q, k, v, w, segment_ids):
+    """``(out, dq, dk, dv)`` of ``loss = sum(w * out)``, one jit."""
+
+    def run(q, k, v, w, segment_ids):
+        loss = lambda q, k, v: jnp.sum(w * causal_attention(q, k, v, segment_ids, **kwargs).astype(jnp.float32))
+        return (causal_attention(q, k, v, segment_ids, **kwargs), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+
+    return jax.jit(run)(q, k, v, w, segment_ids)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["one_doc", "packed"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", list(CPU_IMPLS))
+def test_matches_reference(name, dtype, segments):
+    if name == "cudnn_packed" and not segments:
+        pytest.skip("cuDNN itself needs a GPU")
+    q, k, v, w = _inputs(dtype)
+    seg = jnp.asarray(SEGMENTS) if segments else None
+    # the ground truth: the reference in fp32 on the same (possibly bf16-rounded) inputs
+    ref = _value_and_grads({"implementation": "reference"}, *(x.astype(jnp.float32) for x in (q, k, v)), w, seg)
+    got = _value_and_grads(CPU_IMPLS[name], q, k, v, w, seg)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    for what, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert g.dtype == dtype, what
+        scale = float(jnp.abs(r).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * scale, rtol=tol, err_msg=what)
+
+
+def test_packed_documents_are_independent():
+    """A packed row equals its documents attended one by one."""
+    q, k, v, _ = _inputs(jnp.float32)
+    seg = jnp.asarray(SEGMENTS)
+    out = causal_attention(q, k, v, seg, implementation="blockwise", block_size=64)
+    for lo, hi in ((0, 37), (37, 137), (137, 200)):
+        alone = causal_attention(q[:1, lo:hi], k[:1, lo:hi], v[:1, lo:hi], implementation="reference")
+        np.testing.assert_allclose(out[:1, lo:hi], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_on_cpu_is_blockwise():
+    q, k, v, _ = _inputs(jnp.float32)
+    seg = jnp.asarray(SEGMENTS)
+    np.testing.assert_array_equal(
+        causal_attention(q, k, v, seg), causal_attention(q, k, v, seg, implementation="blockwise")
+    )
+
+
+def test_bad_implementation_name():
+    q, k, v, _ = _inputs(jnp.float32, t=8)
+    with pytest.raises(ValueError, match=r"implementation='flash'.*'reference', 'blockwise', 'cudnn', 'splash'"):
+        causal_attention(q, k, v, implementation="flash")
+
+
+# ---- lowering for real hardware (MiniCPM4-0.5B head shapes) --------------------------------------
+
+LB, LT, LHQ, LHKV, LD = 1, 4096, 16, 2, 64
+
+
+def _lowering_avals(dtype=jnp.bfloat16):
+    q = jax.ShapeDtypeStruct((LB, LT, LHQ, LD), dtype)
+    kv = jax.ShapeDtypeStruct((LB, LT, LHKV, LD), dtype)
+    return q, kv, kv, jax.ShapeDtypeStruct((LB, LT), jnp.int32)
+
+
+def _fwd_bwd(implementation, segments):
+    def fwd(q, k, v, seg):
+        return causal_attention(q, k, v, seg if segments else None, implementation=implementation)
+
+    def bwd(q, k, v, seg, do):
+        return jax.vjp(lambda q, k, v: fwd(q, k, v, seg), q, k, v)[1](do)
+
+    return fwd, bwd
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("segments", [False, True])
+def test_splash_lowers_for_tpu(segments):
+    fwd, bwd = _fwd_bwd("splash", segments)
+    avals = _lowering_avals()
+    e = export.export(jax.jit(fwd), platforms=["tpu"])(*avals)
+    assert e.mlir_module().count("tpu_custom_call") == 1
+    assert e.out_avals[0].shape == avals[0].shape
+    e = export.export(jax.jit(bwd), platforms=["tpu"])(*avals, avals[0])
+    assert e.mlir_module().count("tpu_custom_call") == 3  # forward (residuals), dq, dkv
+    assert [a.shape for a in e.out_avals] == [a.shape for a in avals[:3]]
+    assert len(e.serialize()) > 0
+
+
+@pytest.mark.lowering
+def test_blockwise_lowers_for_cuda():
+    """The GPU path of packed rows (cuDNN has no segment ids) is the XLA blockwise one."""
+    _fwd, bwd = _fwd_bwd("cudnn", segments=True)
+    avals = _lowering_avals()
+    e = export.export(jax.jit(bwd), platforms=["cuda"])(*avals, avals[0])
+    assert "cudnn" not in e.mlir_module()
+    assert [a.shape for a in e.out_avals] == [a.shape for a in avals[:3]]
+
+
+@pytest.mark.lowering
+def test_cudnn_lowers_for_cuda():
+    from jax._src.lib import cuda_versions  # None without the CUDA plugin: cuDNN cannot even be traced
+
+    if cuda_versions is None:
+        pytest.skip("jax's cuDNN attention needs the jax CUDA plugin to trace (not installed)")
+    _fwd, bwd = _fwd_bwd("cudnn", segments=False)
+    avals = _lowering_avals()
+    e = export.export(jax.jit(bwd), platforms=["cuda"])(*avals, avals[0])
+    assert "__cudnn$fmha" in e.mlir_module()
+
+
+# ---- memory: linear in T for blockwise, quadratic for reference ----------------------------------
+
+
+def _attention_temp_bytes(implementation, t):
+    """Temp bytes of the compiled forward + backward of one tiny attention call (compile only)."""
+    q = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    def loss(q, k, v, seg):
+        return causal_attention(q, k, v, seg, implementation=implementation, block_size=128).sum()
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return step.lower(q, kv, kv, seg).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_grows_linearly():
+    """Growth per doubling of T: doubles for blockwise (a + bT), quadruples for reference (+ cT^2)."""
+    for implementation, lo, hi in (("blockwise", 1.7, 2.3), ("reference", 3.4, 8.0)):
+        m1, m2, m3 = (_attention_temp_bytes(implementation, t) for t in (512, 1024, 2048))
+        assert lo <= (m3 - m2) / (m2 - m1) <= hi, (implementation, m1, m2, m3)
+
+
+def test_tiny_model_train_step_memory_grows_linearly(monkeypatch):
+    """The whole tiny-MiniCPM4 train step (forward, backward, AdamW) with blockwise dense attention,
+    compile only, batch 1: its temp memory grows by the same amount per added token."""
+    from minicpm_jax.config import MeshConfig, load_config
+    from minicpm_jax.model import attention
+    from minicpm_jax.train.plan import plan_train_memory
+
+    dense = lambda q, k, v, seg: causal_attention(q, k, v, seg, implementation="blockwise")
+    monkeypatch.setattr(attention, "dense_attention", dense)  # the model's dense path
+    overrides = ["dtype=float32", "model.max_position_embeddings=8192", "train.loss_chunk_size=256"]
+    cfg = load_config("tiny-minicpm4", overrides)
+    m1, m2, m3 = (plan_train_memory(cfg, [MeshConfig(fsdp=1)], [1], t)[0].temp_bytes for t in (2048, 4096, 8192))
+    assert 1.7 <= (m3 - m2) / (m2 - m1) <= 2.3, (m1, m2, m3)
