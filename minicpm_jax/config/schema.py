@@ -211,6 +211,9 @@ class TrainConfig(_Strict):
     global_batch_size: PositiveInt = 8  # rows of seq_len tokens per optimizer step, all hosts
     micro_batches: PositiveInt = 1  # gradient accumulation: global batch split into this many scans
     remat: Literal["none", "dots_saveable", "full"] = "none"
+    # run consecutive layers of one mixer kind as one lax.scan (one compiled copy of the layer, not
+    # one per layer: faster compiles); same numbers and checkpoint keys; a runtime option, not the model's
+    scan_layers: StrictBool = False
     loss_chunk_size: PositiveInt = 1024  # tokens per chunk of the cross-entropy (never all [B,T,V] at once)
     output_dir: str = "runs/default"
     checkpoint_every: PositiveInt = 100

@@ -53,7 +53,9 @@ def plan_train_memory(
     ``batch_fields(rows, seq_len) -> {name: (shape, dtype)}`` the batch the loss reads (default: LM rows)."""
     rows = []
     dtype = jnp.dtype(cfg.dtype)
-    model = abstract_model(cfg.model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+    model = abstract_model(
+        cfg.model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), scan_layers=cfg.train.scan_layers
+    )
     graphdef, params_state = nnx.split(model, nnx.Param)
     for mesh_cfg in meshes:
         mesh = make_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])

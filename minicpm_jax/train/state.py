@@ -108,6 +108,7 @@ def create_trainer(
         model = create_model(
             cfg.model, mesh=mesh, seed=cfg.seed, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
         )
+    model.scan_layers = cfg.train.scan_layers  # a runtime option, also for a given model
     frozen = prepare_frozen(frozen, mesh)
     graphdef, params_state = nnx.split(model, nnx.Param)
     optimizer, schedule, sharding, mask, train_step = build_train_step(

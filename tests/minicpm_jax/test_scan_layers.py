@@ -107,3 +107,23 @@ def test_checkpoint_restores_into_either_form(tmp_path):
         _, restored = load_model(tmp_path / "ck", dtype=jnp.float32, scan_layers=scan)
         assert restored.scan_layers is scan
         np.testing.assert_allclose(jax.jit(lambda m: m(ids))(restored), want, rtol=1e-5, atol=1e-5)
+
+
+def test_train_config_option_reaches_the_train_step():
+    """``train.scan_layers`` (with remat): two optimizer steps match the layer loop's."""
+    from train_testutil import one_device, random_batch, tiny_cfg
+
+    from minicpm_jax.train.loop import pretrain_loss
+    from minicpm_jax.train.state import create_trainer
+
+    results = []
+    for scan in (False, True):
+        cfg = tiny_cfg("model.num_hidden_layers=3", "train.remat=full", f"train.scan_layers={str(scan).lower()}")
+        trainer = create_trainer(cfg, one_device(), pretrain_loss(cfg))
+        assert trainer.model().scan_layers is scan
+        losses = [float(trainer.step(random_batch(seed=s))["loss"]) for s in range(2)]
+        results.append((losses, jax.tree.map(np.asarray, trainer.state["params"])))
+    (loop_losses, loop_params), (scan_losses, scan_params) = results
+    np.testing.assert_allclose(scan_losses, loop_losses, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(loop_params), jax.tree.leaves(scan_params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5)  # Adam's g/sqrt(v) near g = 0
