@@ -40,12 +40,12 @@ def _value_and_grads(kwargs, q, k, v, w, segment_ids):
     return jax.jit(run)(q, k, v, w, segment_ids)
 
 
-@pytest.mark.parametrize("segments", [False, True], ids=["one_doc", "packed"])
+CASES = [(name, seg) for name in ("blockwise", "splash") for seg in (False, True)] + [("cudnn_packed", True)]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("name", list(CPU_IMPLS))
-def test_matches_reference(name, dtype, segments):
-    if name == "cudnn_packed" and not segments:
-        pytest.skip("cuDNN itself needs a GPU")
+@pytest.mark.parametrize("name,segments", CASES, ids=[f"{n}-{'packed' if s else 'one_doc'}" for n, s in CASES])
+def test_matches_reference(name, segments, dtype):
     q, k, v, w = _inputs(dtype)
     seg = jnp.asarray(SEGMENTS) if segments else None
     # the ground truth: the reference in fp32 on the same (possibly bf16-rounded) inputs
