@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from minicpm_jax.model import attention as _attention  # module, not names: attention.py imports this file
+# The module, not its names: attention.py may import this file (minicpm_jax.model's __init__ loads
+# attention.py first, so either import order works).
+from minicpm_jax.model import attention as _attention
 
 F32 = jnp.float32
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash")
