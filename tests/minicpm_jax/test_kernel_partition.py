@@ -82,7 +82,8 @@ def test_attention_mixer_forward_and_grad(mesh_name, t):
     x = shard_rows(mesh, jax.random.normal(jax.random.key(1), (B, t, cfg.hidden_size)))
     positions = jnp.broadcast_to(jnp.arange(t), (B, t))
     f, state = grad_fn(mixer)
-    # tensor=4 > Hkv=2 splits GQA groups: InfLLM v2 selection needs whole groups, so its heads are replicated.
+    # tensor=4 > Hkv=2 would split GQA groups, but InfLLM v2 selection sums scores over a whole group:
+    # the sparse call keeps its heads replicated over tensor (q is gathered), rows still partitioned.
     split_sparse = t == T_SPARSE and mesh.shape["tensor"] > cfg.num_key_value_heads
     check_partitioned(mesh, f, (state, x, positions), t, manual_regions=2, expect_no_gather=not split_sparse)
 
