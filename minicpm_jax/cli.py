@@ -11,7 +11,6 @@ are in ``EXIT_CODES``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import signal
@@ -27,6 +26,7 @@ from rich.table import Table
 
 from minicpm_jax.config import ConfigError, build_config, load_config
 from minicpm_jax.config.loading import apply_overrides
+from minicpm_jax.safety import check_output, check_recipe_file, check_run_dir, jsonl_output, writing
 from minicpm_jax.sharding import mesh_shape
 
 console = Console(soft_wrap=True)
@@ -156,7 +156,7 @@ def cmd_import_hf(args) -> None:
     check_output(args.output, overwrite=args.overwrite, sources=[args.hf_dir])
     start = time.perf_counter()
     model_cfg, model = load_hf(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
-    with _writing(args.output):
+    with writing(args.output):
         out = save_model(
             model, model_cfg, args.output, tokenizer_source=args.hf_dir if has_tokenizer(args.hf_dir) else None
         )
@@ -176,7 +176,7 @@ def cmd_export_hf(args) -> None:
     check_output(args.output, overwrite=args.overwrite, sources=[args.source, args.tokenizer])
     start = time.perf_counter()
     model_cfg, model = load_any(args.source, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype, seed=cfg.seed)
-    with _writing(args.output):
+    with writing(args.output):
         out = save_hf_checkpoint(
             model,
             model_cfg,
@@ -301,7 +301,7 @@ def cmd_generate(args) -> None:
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
     start = time.perf_counter()
     if args.output:
-        with _jsonl_output(Path(args.output)) as f:  # opened (and its disk checked) before generating
+        with jsonl_output(Path(args.output)) as f:  # opened (and its disk checked) before generating
             for record in run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         console.print(f"{len(requests)} completions -> {args.output} in {time.perf_counter() - start:.1f}s")
@@ -330,10 +330,8 @@ def _eval_recipe(args) -> tuple[dict, dict]:
     recipe: dict = {}
     base = Path.cwd()
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: no such file {args.config!r}")
-        recipe = yaml.safe_load(check_recipe_file(path).read_text())
+        path = check_recipe_file(args.config)
+        recipe = yaml.safe_load(path.read_text())
         base = path.resolve().parent
         unknown = sorted(set(recipe) - set(EVAL_RECIPE_KEYS))
         if unknown:
@@ -388,6 +386,7 @@ def cmd_eval(args) -> None:
         return
 
     from minicpm_jax.eval import evaluate
+    from minicpm_jax.eval.api import normalize_tasks
     from minicpm_jax.eval.loading import load_model_and_tokenizer
     from minicpm_jax.eval.report import write_report
     from minicpm_jax.sharding import make_mesh
@@ -399,6 +398,7 @@ def cmd_eval(args) -> None:
     cfg = build_config(apply_overrides(run, overrides))
     mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides) or "mesh" in run else None
     output = Path(args.output or recipe.get("output_dir") or "outputs/eval")
+    normalize_tasks(recipe["tasks"])  # an unknown task is reported before the output is checked
     check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer, args.config])
     batch_size = args.batch_size or recipe.get("batch_size", 8)
     start = time.perf_counter()
@@ -429,97 +429,6 @@ def cmd_eval(args) -> None:
             table.add_row(label, metric, f"{value:.4f}")
     console.print(table)
     console.print(f"report -> {output / 'report.json'}, {output / 'report.md'}")
-
-
-@contextlib.contextmanager
-def _jsonl_output(path: Path):
-    """A text file that becomes ``path`` when the block succeeds; on any error it is removed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with _writing(path), tmp.open("w", encoding="utf-8") as f:
-            yield f
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _writing(path):
-    """Name ``path`` in an ``OSError`` raised without a file name (e.g. ENOSPC from ``write``)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, f"{e.strerror or e} while writing", str(path)) from e
-        raise
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
-def _training_run(directory: Path) -> Path | None:
-    """A training run (``checkpoints/`` or ``metrics.jsonl``) at or up to two levels below ``directory``."""
-    for level in (directory, *directory.glob("*"), *directory.glob("*/*")):
-        if (level / "checkpoints").is_dir() or (level / "metrics.jsonl").is_file():
-            return level
-    return None
-
-
-def check_output(target, *, overwrite: bool, sources=()) -> None:
-    """Refuse (``FileExistsError``) an existing non-empty output unless ``overwrite``; even then refuse
-    one that contains a source of the command or a training run. (The writers also refuse to replace
-    anything but an earlier output of their own kind.)"""
-    target = Path(target).resolve()
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{target} already exists and is not empty; give --overwrite to replace it")
-    for source in sources:
-        if source and Path(source).exists() and _inside(Path(source).resolve(), target):
-            raise FileExistsError(f"{target} contains the source {source}; choose another output (nothing written)")
-    run = _training_run(target) if target.is_dir() else None
-    if run is not None:
-        raise FileExistsError(f"{target} contains a training run ({run}); choose another output (nothing written)")
-
-
-RUN_MARKERS = {"convert": ("conversion.json", "stage-0-transfer"), "distill": ("checkpoints", "metrics.jsonl")}
-
-
-def check_run_dir(output_dir, overwrite: bool, kind: str, sources) -> None:
-    """A convert / distill ``output_dir``: new, empty or an earlier run of ``kind`` (resumed); anything
-    else needs ``--overwrite`` (files there are kept) and never holds the sources or another run."""
-    out = Path(output_dir).resolve()
-    if not out.is_dir() or any((out / m).exists() for m in RUN_MARKERS[kind]):
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and not overwrite:
-        raise FileExistsError(
-            f"output_dir {out} holds files that are not an earlier {kind} run ({', '.join(entries[:5])}); "
-            "choose a new or empty directory, or give --overwrite to write beside them (nothing is deleted)"
-        )
-    if entries:
-        check_output(out, overwrite=True, sources=sources)
-
-
-def check_recipe_file(path) -> Path:
-    """``path`` if it is a YAML file whose top level is a non-empty mapping, else one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ValueError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if raw is None:
-        raise ValueError(f"{path}: the recipe is empty (expected a mapping of sections such as model:, train:)")
-    if not isinstance(raw, dict):
-        raise ValueError(  # noqa: TRY004 - a user error (exit 2), not a programming one
-            f"{path}: the recipe's top level is a {type(raw).__name__}, expected a mapping of sections"
-        )
-    return path
 
 
 def cmd_demo(args) -> None:
@@ -667,17 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, yaml.YAMLError, TrainingDiverged, TrainingStopped, KeyboardInterrupt) as e:
         if args.debug:
             raise
-        code = (
-            128 + e.signum
-            if isinstance(e, TrainingStopped)
-            else 3
-            if isinstance(e, TrainingDiverged)
-            else 128 + signal.SIGINT
-            if isinstance(e, KeyboardInterrupt)
-            else 2
-        )
         err_console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False)
-        return code
+        if isinstance(e, TrainingStopped):
+            return 128 + e.signum
+        if isinstance(e, KeyboardInterrupt):
+            return 128 + signal.SIGINT
+        return 3 if isinstance(e, TrainingDiverged) else 2
     return 0
 
 
