@@ -25,11 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 from rich.console import Console
 
-from minicpm_jax.ckpt import BYTE_TOKENIZER, is_native_checkpoint, load_any, save_model
+from minicpm_jax.ckpt import is_native_checkpoint, load_any, save_model
 from minicpm_jax.convert.losses import alignment_loss, kl_loss
 from minicpm_jax.convert.recipe import ConvertRecipe, StageConfig, stage_config
 from minicpm_jax.convert.select import initial_mixer_types, select_layers, write_selection
 from minicpm_jax.convert.transfer import LIGHTNING, check_teacher, replace_mixers, transfer
+from minicpm_jax.data.tokenizer import BYTE_TOKENIZER
 from minicpm_jax.eval.report import atomic_write_text
 from minicpm_jax.model.factory import create_model
 from minicpm_jax.sharding import make_mesh
