@@ -23,11 +23,14 @@ from minicpm_jax.sharding import constrain
 from pallas_kernels.infllm_v2 import (
     DecodeCache,
     InfLLMv2Config,
+    attention_blocks,
+    block_sparse_attention,
     decode_step,
     dense_causal_attention,
     infllm_v2_attention,
     init_cache,
     prefill_cache,
+    select_blocks,
 )
 
 
@@ -177,8 +180,24 @@ class Attention(nnx.Module):
 
     def _attend(self, part: Partition, q, k, v, q_sel, k_sel, segment_ids) -> jax.Array:
         """Prefill attention on one shard: dense below ``dense_len`` (or without sparse_config), InfLLM v2 above."""
-        if self.sparse is None or self.sparse.is_dense(q.shape[1]):
+        t = q.shape[1]
+        if self.sparse is None or self.sparse.is_dense(t):
             return dense_attention(q, part.local_kv(k), part.local_kv(v), segment_ids)
+        if part.slice_kv:  # this shard holds part of one GQA group: the selection scores the whole group
+            qs = part.group_heads(q if q_sel is None else q_sel)
+            sel = select_blocks(qs, part.local_kv(k if k_sel is None else k_sel), self.sparse, segment_ids=segment_ids)
+            # The forced blocks (init + local window) are in every row: a hint for the xla path.
+            window = self.sparse.local_blocks + (1 if self.sparse.generation == "B" else 0)
+            return block_sparse_attention(
+                q,
+                part.local_kv(k),
+                part.local_kv(v),
+                attention_blocks(sel, jnp.arange(t), self.sparse, self.sparse.num_blocks(t)),
+                block_size=self.sparse.block_size,
+                segment_ids=segment_ids,
+                implementation=self.implementation,
+                shared=(self.sparse.init_blocks, window),
+            )
         return infllm_v2_attention(
             q,
             k,
@@ -199,14 +218,16 @@ class Attention(nnx.Module):
         short = valid < self.sparse.dense_len
         return jax.lax.cond(
             jnp.any(short),
-            lambda: jnp.where(short[:, None, None, None], dense_causal_attention(q, k, v), o),
+            lambda: jnp.where(
+                short[:, None, None, None], dense_causal_attention(q, part.local_kv(k), part.local_kv(v)), o
+            ),
             lambda: o,
         )
 
     def _partition(self, q, k) -> Partition:
-        """Rows and heads of this call; whole GQA groups per shard when InfLLM v2 selection may run."""
-        sparse = self.sparse is not None and (q.shape[1] == 1 or not self.sparse.is_dense(q.shape[1]))
-        return Partition(q.shape[0], q.shape[2], k.shape[2], whole_groups=sparse)
+        """Rows and heads of this call; whole GQA groups per shard for an InfLLM v2 decode step (it
+        selects blocks inside ``decode_step``)."""
+        return Partition(q.shape[0], q.shape[2], k.shape[2], whole_groups=self.sparse is not None and q.shape[1] == 1)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None, valid=None):
         """``(output, cache)``; ``cache`` is None (plain forward), a ``KVCache`` or an InfLLM v2 ``DecodeCache``.

@@ -8,9 +8,11 @@ query heads over ``tensor``. Without a mesh, or on one device, it calls the func
 GQA: every shard keeps whole query groups or a part of one group, never parts of two. When
 ``tensor`` divides the KV heads they are sharded too; when it is a multiple of them the KV heads
 are replicated (as their projections are) and each shard uses the one KV head of its query heads
-(``local_kv``). A dimension its mesh axes do not divide is replicated, as in ``constrain``; so are
-the heads when neither holds, or when a shard would hold part of a group and the kernel needs whole
-groups (InfLLM v2 block selection sums scores over a group). A ``sequence`` axis > 1 is refused.
+(``local_kv``; InfLLM v2 block selection, which sums scores over a whole group, gathers the group's
+query heads with ``group_heads``). A dimension its mesh axes do not divide is replicated, as in
+``constrain``; so are the heads when neither holds, or when the kernel needs whole groups per shard
+(``whole_groups``: the InfLLM v2 decode step). A ``sequence`` axis > 1 is refused at the first call.
+Outputs replicated over an axis are identical on its shards by construction, so ``check_vma`` is off.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ class Partition:
             return x
         start = jax.lax.axis_index(self.heads) * self.local_heads // self.group
         return jax.lax.dynamic_slice_in_dim(x, start, 1, axis)
+
+    def group_heads(self, x: jax.Array, axis: int = 2) -> jax.Array:
+        """Inside a shard holding part of one GQA group (``slice_kv``): the whole group's query heads
+        of ``x``, all-gathered over ``tensor`` (for InfLLM v2 block selection, which has no gradient)."""
+        full = jax.lax.all_gather(x, self.heads, axis=axis, tiled=True)
+        start = jax.lax.axis_index(self.heads) * self.local_heads // self.group * self.group
+        return jax.lax.dynamic_slice_in_dim(full, start, self.group, axis)
 
     def __call__(self, fn, in_roles, out_roles):
         """``fn`` (on per-shard operands) as a function of global operands; ``in_roles`` / ``out_roles``
