@@ -149,6 +149,8 @@ class SentencePieceTokenizer(_Base):
         if self.eos_id is None:
             raise ValueError(f"tokenizer: {path} has no eos token (eos_token in tokenizer_config.json)")
         pad = self._token_id(config.get("pad_token"), self._sp.pad_id())
+        if pad is None:  # as HFTokenizer: the first common pad name in the vocabulary
+            pad = next((i for i in (self._token_id(name, -1) for name in _PAD_NAMES) if i is not None), None)
         self.pad_id = self.eos_id if pad is None else pad
 
     def _check_legacy(self, config: dict[str, Any]) -> None:

@@ -87,7 +87,7 @@ def test_hf_tokenizer_errors(tmp_path):
 def test_official_minicpm4_directory_loads_its_sentencepiece_model():
     tok = load_tokenizer(MINICPM_TOKENIZER)
     assert isinstance(tok.base, SentencePieceTokenizer) and tok.base.path == MINICPM_TOKENIZER / "tokenizer.model"
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (73448, 1, 73440, 73440, [2, 73440])
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (73448, 1, 73440, 0, [2, 73440])
     assert tok.add_bos and tok.chat_template.startswith("{% for message in messages %}")
     # the file itself, with the config files beside it, reads the same
     assert load_tokenizer(MINICPM_TOKENIZER / "tokenizer.model").encode("<|im_start|>user") == tok.encode(
@@ -122,7 +122,8 @@ def test_official_tokenizer_sentencepiece_and_tokenizer_json_give_the_same_ids(t
     transformers.AutoTokenizer.from_pretrained(str(MINICPM_TOKENIZER)).save_pretrained(str(tmp_path))
     sp, hf = load_tokenizer(MINICPM_TOKENIZER), load_tokenizer(tmp_path / "tokenizer.json")
     assert isinstance(sp.base, SentencePieceTokenizer) and type(hf.base).__name__ == "HFTokenizer"
-    assert (hf.vocab_size, hf.bos_id, hf.eos_id, hf.add_bos) == (sp.vocab_size, sp.bos_id, sp.eos_id, sp.add_bos)
+    for attribute in ("vocab_size", "bos_id", "eos_id", "pad_id", "add_bos", "chat_template"):
+        assert getattr(hf, attribute) == getattr(sp, attribute), attribute
     for text in SAMPLES:
         assert hf.encode(text) == sp.encode(text), text
         assert hf.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
