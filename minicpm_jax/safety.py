@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from minicpm_jax.config.loading import recipe_path
+
 
 @contextlib.contextmanager
 def jsonl_output(path: Path):
@@ -84,8 +86,9 @@ def check_run_dir(output_dir, overwrite: bool, kind: str, sources) -> None:
 
 
 def check_recipe_file(path) -> Path:
-    """``path`` if it is a YAML file whose top level is a non-empty mapping, else one clear error."""
-    path = Path(path)
+    """``path`` (or the shipped recipe of that name) if it is a YAML file whose top level is a non-empty
+    mapping, else one clear error."""
+    path = recipe_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file {str(path)!r}")
     try:

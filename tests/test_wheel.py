@@ -47,6 +47,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     assert "tiny-minicpm4" in _run(cli, "info", "tiny-minicpm4", cwd=tmp_path)
     train = ("train.steps=5", "optimizer.warmup_steps=1", "optimizer.decay_steps=2", "train.global_batch_size=4")
     train += ("data.seq_len=32", "data.synthetic_documents=200")
-    recipe = Path(configs) / "recipes" / "pretrain-tiny.yaml"
-    out = _run(cli, "train", "--config", recipe, "train.output_dir=run", "train.eval_every=0", *train, cwd=tmp_path)
+    out = _run(
+        cli, "train", "--config", "pretrain-tiny", "train.output_dir=run", "train.eval_every=0", *train, cwd=tmp_path
+    )  # a shipped recipe by name
     assert (tmp_path / "run" / "final" / "model.yaml").is_file(), out
