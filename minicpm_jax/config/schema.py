@@ -175,7 +175,7 @@ class DataConfig(_Strict):
     source: Literal["synthetic", "jsonl", "parquet", "arrayrecord", "array"] = "synthetic"
     paths: tuple[str, ...] = ()  # files or glob patterns (text sources: one document per record)
     text_field: str = "text"  # JSONL / Parquet column holding the document text
-    tokenizer: str | None = None  # a Hugging Face tokenizer.json (file or directory); None = byte-level
+    tokenizer: str | None = None  # a tokenizer directory or file (data.tokenizer.load_tokenizer); None = byte
     synthetic_tasks: tuple[Literal["arithmetic", "kv_recall", "copy"], ...] = ("arithmetic", "kv_recall", "copy")
     synthetic_documents: StrictInt = 20000
     seq_len: PositiveInt = 128
