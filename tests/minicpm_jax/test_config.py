@@ -194,7 +194,7 @@ TRAIN_RECIPES = sorted(RECIPES.glob("pretrain-*.yaml"))
 def test_every_recipe_loads_and_fits_8_devices(path):
     """Each shipped recipe validates, its mesh fits the model's parameters and the batch on 8 devices,
     and its rows fit the model's context (and, byte-level, its vocabulary)."""
-    from minicpm_jax.data.tokenizer import build_tokenizer, check_vocab
+    from minicpm_jax.data.tokenizer import check_vocab, load_tokenizer
     from minicpm_jax.info import model_info
     from minicpm_jax.sharding import mesh_shape
     from minicpm_jax.train.step import check_batch
@@ -206,7 +206,7 @@ def test_every_recipe_loads_and_fits_8_devices(path):
     assert cfg.data.seq_len <= cfg.model.max_position_embeddings
     assert cfg.train.output_dir.startswith("runs/")
     if cfg.data.tokenizer is None:
-        check_vocab(build_tokenizer(None), cfg.model.vocab_size)
+        check_vocab(load_tokenizer(None), cfg.model.vocab_size)
 
 
 def test_tiny_recipes_differ_only_in_preset_and_output_dir():

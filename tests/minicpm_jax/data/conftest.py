@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minicpm_jax.config.schema import DataConfig
-from minicpm_jax.data import build_tokenizer, train_dataset
+from minicpm_jax.data import load_tokenizer, train_dataset
 
 VOCAB, MAX_POS = 512, 1024
 
@@ -21,7 +21,7 @@ def data_cfg(**overrides) -> DataConfig:
 
 def one_pass(cfg, tok=None, batch=4, **kw) -> list[dict]:
     """Every batch of one epoch (last partial batch kept)."""
-    tok = tok or build_tokenizer(None)
+    tok = tok or load_tokenizer(None)
     ds = train_dataset(
         cfg,
         tokenizer=tok,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from minicpm_jax.config import ConfigError, build_config
-from minicpm_jax.data import build_tokenizer, make_eval_batches, make_train_iterator
+from minicpm_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
 from minicpm_jax.data.packing import KEY, pack, to_batch
 from minicpm_jax.data.pipeline import split
 from minicpm_jax.data.synthetic import SyntheticSource
 
-TOK = build_tokenizer(None)
+TOK = load_tokenizer(None)
 
 
 def _chunks(cfg, indices):

@@ -9,11 +9,11 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from minicpm_jax.data import build_tokenizer, make_eval_batches, make_train_iterator
+from minicpm_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
 from minicpm_jax.data.pipeline import split
 from minicpm_jax.data.synthetic import SyntheticSource
 
-TOK = build_tokenizer(None)
+TOK = load_tokenizer(None)
 
 
 def _iterator(h, cfg, batch=4, **kw):

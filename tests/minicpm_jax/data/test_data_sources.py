@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minicpm_jax.data import build_tokenizer, make_train_iterator
+from minicpm_jax.data import load_tokenizer, make_train_iterator
 
-TOK = build_tokenizer(None)
+TOK = load_tokenizer(None)
 DOCS = ["hello world", "the quick brown fox", "ünïcödé ✓ text", "a" * 150, "x", "last document"]
 
 
