@@ -136,17 +136,14 @@ class MiniCPMForCausalLM(nnx.Module):
             x, cache, io = layer(x, positions, segment_ids, cache, valid)
             return x, cache, io if collect_io else None
 
-        layers, n = list(self.model.layers), len(self.model.layers)
-        caches = caches or [None] * n
-        scan = self.scan_layers and all(c is None for c in caches)
-        if scan:
-            kinds = self.config.layer_mixers
-            runs = [len(list(g)) for _, g in itertools.groupby(kinds)]
-        else:
-            runs = [1] * n
+        layers = list(self.model.layers)
+        caches = caches or [None] * len(layers)
+        sizes = [1] * len(layers)
+        if self.scan_layers and all(c is None for c in caches):
+            sizes = [len(list(run_)) for _, run_ in itertools.groupby(self.config.layer_mixers)]
         loop_run = run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
         new, mixer_io, start = [], [], 0
-        for size in runs:
+        for size in sizes:
             if size == 1:
                 x, cache, io = loop_run(layers[start], x, caches[start])
                 new.append(cache)
@@ -154,19 +151,18 @@ class MiniCPMForCausalLM(nnx.Module):
             else:
                 x, ios = self._scan(layers[start : start + size], x, run, remat)
                 new += [None] * size
-                mixer_io += (
-                    [None] * size if ios is None else [jax.tree.map(lambda a, i=i: a[i], ios) for i in range(size)]
-                )
+                mixer_io += [None if ios is None else jax.tree.map(lambda a, i=i: a[i], ios) for i in range(size)]
             start += size
         return self.model.norm(x), tuple(new), mixer_io
 
     def _scan(self, layers, x, run, remat):
         """``(x, stacked mixer io or None)`` after ``layers`` (one kind) as one ``lax.scan``.
 
-        Each step merges one layer from slices of the per-layer states stacked here. Float
-        parameters are stacked already cast to the compute dtype, which every layer casts them to
-        at use anyway (exact), so the stacked copy is the size of the casts the loop makes; the
-        backward of the stack slices the gradients back to the per-layer parameters.
+        Each step merges one layer from slices of the per-layer states stacked here (the backward
+        of the stack slices the gradients back to the per-layer parameters). Float parameters are
+        stacked already cast to the compute dtype, as every layer casts them at use (exact). Cost:
+        that stacked copy, and the stacked gradient in the backward, are live across the step
+        (``benchmarks/compile_time.py`` reports XLA's temp bytes with and without).
         """
         graphdef, state = nnx.split(layers[0])
         states = [state] + [nnx.split(layer)[1] for layer in layers[1:]]

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from minicpm_jax.ckpt import load_model, save_model
-from minicpm_jax.config import load_config
+from minicpm_jax.config import MeshConfig, load_config
 from minicpm_jax.model import abstract_model, create_model, param_axes
+from minicpm_jax.sharding import make_mesh
 
 # (preset, overrides, T): dense with a run of 3 layers; sparse above dense_len (64) so blocks are
 # dropped; SALA's tiny pattern S L L S L L S S = runs of 1, 2, 1, 2, 2.
@@ -68,6 +69,18 @@ def test_logits_and_grads_equal_layer_loop(name):
         scale = float(jnp.max(jnp.abs(g[...]))) + 1e-12
         err = float(jnp.max(jnp.abs(sg[...] - g[...]))) / scale
         assert err < 1e-5, f"{name} remat={remat} {'.'.join(map(str, path))}: relative error {err}"
+
+
+def test_sharded_scan_equals_unsharded_loop():
+    """8 devices (data 2, fsdp 2, tensor 2): the stacked states keep the per-layer shardings."""
+    cfg, loop, _, t = _pair("hybrid")
+    ids, pos, seg = _batch(cfg, t)
+    ref = jax.jit(lambda m: m(ids, pos, seg))(loop)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = create_model(cfg, mesh=mesh, seed=3, dtype=jnp.float32, scan_layers=True)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda m: m(ids, pos, seg))(model)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_mixer_io_equals_layer_loop():
