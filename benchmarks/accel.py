@@ -5,8 +5,9 @@ Rows (each time is the median of a few runs after a warm-up run, ``jax.block_unt
 - ``dense``: causal GQA attention, 8B shape (B=1, Hq=32, Hkv=2, D=128, bf16): the platform kernel
   (cuDNN on GPU, splash on TPU) vs ``blockwise`` vs the XLA ``reference`` (run only where its
   ``[B,H,T,T]`` fp32 scores fit in half the device memory), fwd and fwd+bwd.
-- ``infllm``: InfLLM v2 (spec parameters, always sparse) at the same shape: Pallas vs ``xla``, and the
-  platform dense kernel on the same inputs.
+- ``infllm``: InfLLM v2 (spec parameters, always sparse) at the same shape: Pallas vs ``xla``, the
+  platform dense kernel on the same inputs, and the block selection alone (its share of the ``xla``
+  sparse time); ``flop_limit`` = dense / sparse FLOPs, the most sparse can gain over dense.
 - ``lightning``: Lightning attention at SALA's shape (B=1, H=32, D=128, bf16 inputs, fp32 state):
   Pallas vs ``xla``.
 - ``mfu``: the MiniCPM4-0.5B train step at 4K, bf16 compute (the trainer of benchmarks/train.py).
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import statistics
 import time
@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from hybrid import median_seconds
 from infllm_v2 import flops as infllm_flops
+from infllm_v2 import targets as infllm_targets
 from infllm_v2 import with_grad
 from train import Spec, interleaved_medians, make_trainer, markdown, measured_matmul_flops, random_rows, timed_step
 
@@ -52,7 +53,7 @@ from minicpm_jax.generate import generate
 from minicpm_jax.model.dense_attention import causal_attention
 from minicpm_jax.model.factory import create_model
 from minicpm_jax.train.flops import peak_flops_per_device, train_flops_per_token
-from pallas_kernels.infllm_v2 import InfLLMv2Config, infllm_v2_attention
+from pallas_kernels.infllm_v2 import InfLLMv2Config, infllm_v2_attention, select_blocks
 from pallas_kernels.lightning import alibi_slopes, lightning_attention
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,6 +104,7 @@ class Bench:
 
     def __init__(self, repeats: int, roofline: float):
         self.rows, self.repeats, self.roofline, self.start = [], repeats, roofline, time.perf_counter()
+        self.parity = {}  # the Lightning kernel's parity vs xla, where it runs
 
     def guard(self, fn) -> tuple[str, float | None]:
         """``("ok", fn())``, or ``("OOM" | "failed: ...", None)`` if it raises."""
@@ -182,11 +184,44 @@ def infllm_rows(b: Bench, s: dict):
         fns[f"dense {dense}"] = functools.partial(causal_attention, implementation=dense)
         f_dense, f_attn, f_sel = infllm_flops(t, hq, d, cfg)
         flops = {i: f_attn + f_sel for i in fns} | {f"dense {dense}": f_dense}
-        b.attention("infllm", t, fns, qkv(t, t, hq, hkv, d), flops)
+        args = qkv(t, t, hq, hkv, d)
+        b.attention("infllm", t, fns, args, flops)
+        selection = jax.jit(lambda q, k, v: select_blocks(q, k, cfg))
+        b.add("infllm", t, "fwd", "selection", *b.seconds(selection, *args), f_sel)
+        for r in b.rows[-2 * len(fns) - 1 :]:
+            r["flop_limit"] = f_dense / (f_attn + f_sel)  # the most a sparse path can gain over dense
+
+
+def lightning_parity(kernel: str, t: int = 1000, d: int = 128) -> dict:
+    """Max error / max value of the kernel's output, final state and VJP (bf16 inputs) vs ``xla`` in fp32."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kk, (2, t, 4, d), jnp.float32).astype(jnp.bfloat16) for kk in keys[:3])
+    s0 = jax.random.normal(keys[3], (2, 4, d, d), jnp.float32)
+    log_decay = -jnp.asarray(alibi_slopes(32)[::8])
+
+    def run(impl, *xs):
+        f = lambda *a: lightning_attention(
+            *a[:3], log_decay, initial_state=a[3], return_final_state=True, implementation=impl
+        )
+        out, vjp = jax.vjp(f, *xs)
+        return out, vjp((jnp.ones_like(out[0]), jnp.ones_like(out[1])))
+
+    got = jax.jit(lambda *a: run(kernel, *a))(q, k, v, s0)
+    want = jax.jit(lambda *a: run("xla", *a))(*(x.astype(jnp.float32) for x in (q, k, v)), s0)
+    errs = [
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+        for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    ]
+    out = dict(zip(["o", "state", "dq", "dk", "dv", "ds0"], errs))
+    print(f"parity {kernel} (bf16) vs xla (fp32): " + ", ".join(f"{n} {e:.1e}" for n, e in out.items()), flush=True)
+    return out
 
 
 def lightning_rows(b: Bench, s: dict):
+    """Pallas vs ``xla``, after the kernel's on-device parity check vs ``xla`` (fp32), fwd and VJP."""
     h, _, d = s["attn"]
+    for kernel in pallas_kernel():
+        b.parity[kernel] = b.guard(lambda k=kernel: lightning_parity(k))
     log_decay = -jnp.asarray(alibi_slopes(h))
     for t in s["lengths"]:
         fns = {
@@ -258,20 +293,55 @@ def decode_rows(b: Bench, s: dict, smoke: bool):
 
 
 def add_speedups(rows: list[dict]):
+    """``speedup`` = baseline seconds / row seconds; the selection row gets its share of the ``xla`` time."""
     ok = {(r["kind"], r["T"], r["mode"], r["impl"]): r["seconds"] for r in rows if r["status"] == "ok"}
     for r in rows:
         key = (r["kind"], r["T"], r["mode"])
         base = next((i for i in BASELINES.get(r["kind"], ()) if (*key, i) in ok), None)
-        if r["status"] == "ok" and base:
+        if r["status"] != "ok" or not base:
+            continue
+        if r["impl"] == "selection":
+            r["share_of_xla"] = r["seconds"] / ok[(*key, base)]
+        else:
             r["baseline"], r["speedup"] = base, ok[(*key, base)] / r["seconds"]
 
 
+def infllm_target_checks(rows: list[dict]) -> dict:
+    """``benchmarks/infllm_v2.py``'s targets (speedup over dense at 32K / 64K, selection share) on the
+    forward rows, the sparse time being the fastest sparse implementation's."""
+    by_t = {}
+    for r in rows:
+        if r["kind"] == "infllm" and r["mode"] == "fwd" and r["status"] == "ok":
+            by_t.setdefault(r["T"], {})[r["impl"]] = r
+    summary = []
+    for t, impls in by_t.items():
+        dense = next((r["seconds"] for i, r in impls.items() if i.startswith("dense")), None)
+        sparse = min((r["seconds"] for i, r in impls.items() if i in ("xla", *pallas_kernel())), default=None)
+        if dense and sparse and "selection" in impls:
+            share = impls["selection"]["seconds"] / sparse
+            limit = impls["selection"]["flop_limit"]
+            summary.append(
+                {
+                    "T": t, "speedup_fwd": dense / sparse, "flop_limit": limit, "selection_share": share, "sparse_fwd_peak_bytes": None
+                }
+            )
+    return infllm_targets(summary)
+
+
+def note(r: dict) -> str:
+    if "mfu" in r:
+        return f"MFU {r['mfu']:.1%} (target >= {MFU_TARGET:.0%})"
+    if "share_of_xla" in r:
+        return f"{r['share_of_xla']:.0%} of the xla sparse time"
+    if "flop_limit" in r:
+        return f"FLOP limit {r['flop_limit']:.2f}x"
+    if r["kind"] == "decode" and r.get("tokens_per_s"):
+        return f"{r['tokens_per_s']:.1f} tok/s"
+    return ""
+
+
 def table(rows: list[dict]) -> str:
-    num = lambda x, f: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f.format(x)
-    note = lambda r: (
-        (f"MFU {r['mfu']:.1%}" if "mfu" in r else "")
-        + (f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") and r["kind"] == "decode" else "")
-    )
+    num = lambda x, f: "-" if x is None else f.format(x)
     return markdown(
         rows,
         {
@@ -327,6 +397,8 @@ def main(argv=None):
             sections[name]()
     add_speedups(b.rows)
     print(table(b.rows))
+    if "infllm" in only:
+        print("InfLLM v2 targets:", infllm_target_checks(b.rows))
     result = {
         "backend": backend,
         "device_kind": kind,
@@ -338,6 +410,8 @@ def main(argv=None):
         "flops_convention": "causal attention fwd 2*2*B*Hq*T*T*D/2; fwd+bwd = 3.5 x fwd; "
         "MFU = tokens/s * train_flops_per_token / peak",
         "mfu_target": MFU_TARGET,
+        "lightning_parity_vs_xla": b.parity,
+        "infllm_targets": infllm_target_checks(b.rows),
         "rows": b.rows,
         "total_s": time.perf_counter() - b.start,
     }
