@@ -277,15 +277,19 @@ def has_tokenizer(directory: str | Path) -> bool:
 
 def copy_tokenizer(source: str | Path, directory: str | Path) -> list[str]:
     """Copy the tokenizer files of ``source`` (a directory, or a tokenizer file and the config files beside it;
-    a ``tokenizer.json`` under another name is copied as ``tokenizer.json``) into ``directory``, overwriting."""
+    a file under another name is copied as ``tokenizer.model`` / ``tokenizer.json``) into ``directory``,
+    overwriting; the names written."""
     main, directory = tokenizer_file(source), Path(directory)
-    names = [n for n in TOKENIZER_FILES if (main.parent / n).is_file()]
-    if not Path(source).is_dir():  # only this tokenizer file, and the config files
-        names = [n for n in names if n not in TOKENIZER_MAIN_FILES]
-        shutil.copy2(main, directory / (main.name if main.name in TOKENIZER_MAIN_FILES else "tokenizer.json"))
-    for name in names:
-        shutil.copy2(main.parent / name, directory / name)
-    return names
+    present = [n for n in TOKENIZER_FILES if (main.parent / n).is_file()]
+    if Path(source).is_dir():
+        copies = {n: n for n in present}
+    else:  # this tokenizer file under its standard name, and the config files beside it
+        standard = "tokenizer.model" if main.suffix == ".model" else "tokenizer.json"
+        copies = {main.name: main.name if main.name in TOKENIZER_MAIN_FILES else standard}
+        copies |= {n: n for n in present if n not in TOKENIZER_MAIN_FILES}
+    for src, dst in copies.items():
+        shutil.copy2(main.parent / src, directory / dst)
+    return list(copies.values())
 
 
 def save_tokenizer(source: str | Path, directory: str | Path) -> None:

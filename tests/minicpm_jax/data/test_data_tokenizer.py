@@ -134,11 +134,20 @@ def test_copy_tokenizer_of_a_file_renames_a_tokenizer_json(tmp_path):
     path = _bpe(tmp_path / "src")
     path.rename(tmp_path / "src" / "mine.json")
     (tmp_path / "dst").mkdir()
-    assert copy_tokenizer(tmp_path / "src" / "mine.json", tmp_path / "dst") == ["tokenizer_config.json"]
+    assert copy_tokenizer(tmp_path / "src" / "mine.json", tmp_path / "dst") == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     assert load_tokenizer(tmp_path / "dst").encode("the cat") == load_tokenizer(tmp_path / "src" / "mine.json").encode(
         "the cat"
     )
+    (tmp_path / "sp").mkdir()  # a SentencePiece file brings its config files; the copy reads the same
+    assert copy_tokenizer(MINICPM_TOKENIZER / "tokenizer.model", tmp_path / "sp")[:2] == [
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    assert load_tokenizer(tmp_path / "sp").encode(SAMPLES[3]) == load_tokenizer(MINICPM_TOKENIZER).encode(SAMPLES[3])
 
 
 def test_tiny_recipe_trains_with_the_official_tokenizer_directory(tmp_path):
