@@ -13,13 +13,12 @@ from minicpm_jax.config import MeshConfig, load_config
 from minicpm_jax.model import abstract_model, create_model, param_axes
 from minicpm_jax.sharding import make_mesh
 
-# (preset, overrides, T): dense with a run of 3 layers; sparse above dense_len (64) so blocks are
-# dropped; SALA's tiny pattern S L L S L L S S = runs of 1, 2, 1, 2, 2.
-# One remat policy per model (each also checked against the loop without remat).
+# (preset, overrides, T, remat): dense with a run of 3 layers; sparse above dense_len (64) so blocks
+# are dropped; SALA's tiny pattern S L L S L L S S = runs of 1, 2, 1, 2, 2.
 MODELS = {
     "dense": ("tiny-minicpm4", ["model.num_hidden_layers=3"], 24, "none"),
     "sparse": ("tiny-minicpm4-sparse", [], 80, "dots_saveable"),
-    "hybrid": ("tiny-sala", [], 80, "full"),
+    "hybrid": ("tiny-sala", [], 48, "full"),
 }
 
 
