@@ -215,6 +215,14 @@ CASES = [
         3,
         "no checkpoint was saved",
     ),
+    (
+        "resume-then-diverged",
+        lambda a, t, m: (
+            _nan_loss(m) or _train(_copy(a / "run", t / "run"), "train.steps=8", "train.max_consecutive_nonfinite=2")
+        ),
+        3,
+        "the newest checkpoint is step 4",
+    ),
     ("train-sigterm", lambda a, t, m: _sigterm_at_step_1(m) or _train(t / "r"), 143, "stopped by SIGTERM at step 1"),
     ("train-disk-full", lambda a, t, m: _fail_writes(m, t, errno.ENOSPC) or _train(t / "r"), 2, "No space left"),
     ("train-read-only", lambda a, t, m: _fail_writes(m, t, errno.EROFS) or _train(t / "r"), 2, "Read-only file"),
@@ -234,7 +242,7 @@ CASES = [
         "--plan-meshes 'fsdp'",
     ),
     # import-hf
-    ("import-no-source", lambda a, t, m: ["import-hf", t / "nothing", t / "out"], 2, "nothing"),
+    ("import-no-source", lambda a, t, m: ["import-hf", t / "nothing", t / "out"], 2, "nothing: no config.json"),
     (
         "import-truncated-safetensors",
         lambda a, t, m: _truncate(_copy(a / "hf", t / "hf"), "*.safetensors") or ["import-hf", t / "hf", t / "out"],
@@ -301,7 +309,12 @@ CASES = [
         "No space left on device",
     ),
     # generate
-    ("generate-no-checkpoint", lambda a, t, m: ["generate", "--checkpoint", t / "no", "--prompt", "x"], 2, "no"),
+    (
+        "generate-no-checkpoint",
+        lambda a, t, m: ["generate", "--checkpoint", t / "no", "--prompt", "x"],
+        2,
+        "no such file or directory",
+    ),
     (
         "generate-truncated-native",
         lambda a, t, m: (
