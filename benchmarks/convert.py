@@ -42,8 +42,8 @@ from minicpm_jax.convert.pipeline import lightning_patterns
 from minicpm_jax.convert.recipe import stage_config
 from minicpm_jax.convert.select import candidate_layers
 from minicpm_jax.convert.transfer import LIGHTNING, SOFTMAX
+from minicpm_jax.data.tokenizer import load_tokenizer
 from minicpm_jax.eval import evaluate
-from minicpm_jax.eval.loading import data_tokenizer
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train.loop import pretrain_loss, run_training
 from minicpm_jax.train.metrics import read_metrics
@@ -196,7 +196,7 @@ def main() -> None:
         args.out += "-quick"
     console = Console(stderr=True)
     tasks = eval_tasks(args.mqar_samples, args.copy_examples)
-    tokenizer = data_tokenizer(None)
+    tokenizer = load_tokenizer(None)
     _, teacher = load_any(args.teacher, dtype=jnp.float32, param_dtype=jnp.float32)
     n = teacher.config.num_hidden_layers
     results = {"teacher": args.teacher, "devices": str(jax.devices()), "models": {}}

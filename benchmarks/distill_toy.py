@@ -157,13 +157,13 @@ def evaluate_checkpoint(path: Path, num_examples: int, seed: int = 0) -> dict:
     import jax.numpy as jnp
 
     from minicpm_jax.ckpt import load_any
+    from minicpm_jax.data.tokenizer import load_tokenizer
     from minicpm_jax.eval import evaluate
-    from minicpm_jax.eval.loading import data_tokenizer
 
     _, model = load_any(path, dtype=jnp.float32, param_dtype=jnp.float32)
     tasks = {"arithmetic": {"task": "exact_match", "dataset": "arithmetic", "num_examples": num_examples}}
     tok_dir = str(path) if (path / "tokenizer.json").is_file() else None
-    res = evaluate(model, tasks, tokenizer=data_tokenizer(tok_dir), seed=seed)["arithmetic"]
+    res = evaluate(model, tasks, tokenizer=load_tokenizer(tok_dir), seed=seed)["arithmetic"]
     return {"exact_match": res["metrics"]["exact_match"], "final_number": final_number_accuracy(res["rows"])}
 
 

@@ -30,7 +30,7 @@ from minicpm_jax.convert.losses import alignment_loss, kl_loss
 from minicpm_jax.convert.recipe import ConvertRecipe, StageConfig, stage_config
 from minicpm_jax.convert.select import initial_mixer_types, select_layers, write_selection
 from minicpm_jax.convert.transfer import LIGHTNING, check_teacher, replace_mixers, transfer
-from minicpm_jax.data.tokenizer import BYTE_TOKENIZER
+from minicpm_jax.data.tokenizer import BYTE_TOKENIZER, check_vocab, load_tokenizer
 from minicpm_jax.eval.report import atomic_write_text
 from minicpm_jax.model.factory import create_model
 from minicpm_jax.sharding import make_mesh
@@ -88,10 +88,7 @@ class Conversion:
         self.initial_types = initial_mixer_types(recipe.convert, self.teacher_cfg)
 
     def _check_vocab(self) -> None:
-        from minicpm_jax.data.tokenizer import check_vocab
-        from minicpm_jax.eval.loading import data_tokenizer
-
-        tok = data_tokenizer(self.recipe.data.get("tokenizer"))
+        tok = load_tokenizer(self.recipe.data.get("tokenizer"))
         check_vocab(
             tok, self.teacher_cfg.vocab_size, where=f"data.tokenizer of the recipe vs teacher {self.recipe.teacher}"
         )
@@ -159,7 +156,6 @@ class Conversion:
         if is_native_checkpoint(sel_dir / "hybrid"):
             self.console.print(f"[bold]selection[/]: done ({sel_dir})")
             return sel_dir / "hybrid"
-        from minicpm_jax.eval.loading import data_tokenizer
 
         cv = self.recipe.convert
         self.console.print("[bold]selection[/]: scoring each candidate layer converted alone")
@@ -171,7 +167,7 @@ class Conversion:
             keep_first_last=cv.keep_first_last,
             commonsense=cv.selection.commonsense,
             retrieval=cv.selection.retrieval,
-            tokenizer=data_tokenizer(self.recipe.data.get("tokenizer")),
+            tokenizer=load_tokenizer(self.recipe.data.get("tokenizer")),
             batch_size=cv.selection.batch_size,
             seed=self.recipe.seed,
             console=self.console,
