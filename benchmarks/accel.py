@@ -84,7 +84,7 @@ def settings(smoke: bool, quick: bool) -> dict:
             "mfu": ("tiny-minicpm4", 128, 2, 2),
             "decode": (96, 16),
             "matmul_n": 512,
-            "repeats": 2,
+            "repeats": 3,
         }
     lengths = [4096, 32768, 131072] if quick else [4096, 8192, 16384, 32768, 65536, 131072]
     return {
@@ -322,7 +322,11 @@ def infllm_target_checks(rows: list[dict]) -> dict:
             limit = impls["selection"]["flop_limit"]
             summary.append(
                 {
-                    "T": t, "speedup_fwd": dense / sparse, "flop_limit": limit, "selection_share": share, "sparse_fwd_peak_bytes": None
+                    "T": t,
+                    "speedup_fwd": dense / sparse,
+                    "flop_limit": limit,
+                    "selection_share": share,
+                    "sparse_fwd_peak_bytes": None,
                 }
             )
     return infllm_targets(summary)
