@@ -9,8 +9,9 @@ Rows (each time is the median of a few runs after a warm-up run, ``jax.block_unt
   platform dense kernel on the same inputs, and the block selection alone (its share of the ``xla``
   sparse time); ``flop_limit`` = dense / sparse FLOPs, the most sparse can gain over dense.
 - ``lightning``: Lightning attention at SALA's shape (B=1, H=32, D=128, bf16 inputs, fp32 state):
-  Pallas vs ``xla``.
-- ``mfu``: the MiniCPM4-0.5B train step at 4K, bf16 compute (the trainer of benchmarks/train.py).
+  Pallas vs ``xla``, after an on-device parity check of the kernel (output, state, VJP) vs ``xla``.
+- ``mfu``: the MiniCPM4-0.5B train step at 4K, batch 8, bf16 compute (the trainer of
+  benchmarks/train.py), remat none (full if that does not fit); target >= 45% on H100/H200.
 - ``prefill``: MiniCPM-SALA-9B with 4 layers (1 InfLLM v2 + 3 Lightning, SALA's 25% sparse) vs the
   same 4 layers all dense softmax, 32K-256K tokens (4 layers so that the dense model fits and runs).
 - ``decode``: the same two models in the ``minicpm_jax.generate`` engine (greedy, batch 1) after a
@@ -23,8 +24,9 @@ products plus the selection scores (``benchmarks/infllm_v2.py``'s ``flops``). MF
 ``2 * 2 * (T/2) * heads * head_dim`` per layer) / the device's datasheet bf16 peak; "% roofline" is
 against a large bf16 matmul timed in the same run. "speedup" = baseline time / row time.
 
-On CPU (or with ``--cpu-smoke``) every row runs at tiny shapes in well under a minute: a test of the
-script, not a measurement. Any row that fails (out of memory: "OOM") is recorded and the run goes on.
+On CPU (or with ``--cpu-smoke``) every row runs at tiny shapes (no Pallas rows: interpret mode would
+time nothing useful), about 40 s of CPU time: a test of the script, not a measurement. Any row that
+fails (out of memory: "OOM") is recorded and the run goes on.
 
     python benchmarks/accel.py [--quick] [--only dense,infllm,lightning,mfu,prefill,decode] [--out PATH]
 """
