@@ -40,9 +40,11 @@ class TrainCheckpointer:
         handlers["config"] = ocp.JsonCheckpointHandler()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.verified: set[int] = set()  # steps whose manifest matched
+        self.unsealed: set[int] = set()  # steps saved by this run that have no manifest yet
 
     def save(self, step: int, state: dict, data_state: dict, config: dict, *, force: bool = False) -> bool:
         self.wait()  # the previous save is finished (orbax waits too) and gets its manifest
+        self.unsealed.add(step)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -77,8 +79,8 @@ class TrainCheckpointer:
         """Newest intact checkpoint as ``(step, state, data_state, config)``, or None if there is none."""
         while (found := self.latest_config(check)) is not None:
             step, step_dir = found[0], self.directory / str(found[0])
-            _check_shapes(self.manager.item_metadata(step)["state"], abstract_state, step_dir)
             try:
+                _check_shapes(self.manager.item_metadata(step)["state"], abstract_state, step_dir)
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -87,6 +89,8 @@ class TrainCheckpointer:
                         config=ocp.args.JsonRestore(),
                     ),
                 )
+            except ResumeError:
+                raise
             except Exception as e:  # unreadable, unless its files are intact
                 if (step_dir / MANIFEST).is_file():
                     raise ResumeError(
@@ -111,12 +115,12 @@ class TrainCheckpointer:
         )
 
     def wait(self) -> None:
-        """Wait for the save in flight; write the manifest of every finished checkpoint lacking one."""
+        """Wait for the save in flight; write the manifests of this run's finished checkpoints."""
         self.manager.wait_until_finished()
-        for step in self.manager.all_steps():
-            step_dir = self.directory / str(step)
-            if step_dir.is_dir() and not (step_dir / MANIFEST).exists():
-                write_manifest(step_dir)
+        for step in sorted(self.unsealed):
+            if (self.directory / str(step)).is_dir():
+                write_manifest(self.directory / str(step))
+        self.unsealed.clear()
 
     def close(self) -> None:
         self.manager.close()
