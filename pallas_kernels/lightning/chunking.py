@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 _F32 = jnp.float32
 
@@ -113,7 +112,7 @@ def batched_factors(log_decay, t: int, chunk_size: int, docs=None):
     batch when ``docs`` (document index ``[B,T]``) is given.
 
     Returns ``intra [1|B,H,1|N,C,C]``, ``qdec [1|B,H,1|N,C]``, ``kdec [1|B,H,N,C]`` and the chunk
-    carry flags ``keep`` (``None`` without docs, else bool ``[B,N]``) for ``chunk_scan``.
+    carry flags ``keep`` (``None`` without docs, else bool ``[B,N]``: the state crosses chunk n's end).
     """
     intra, qdec, kdec = decay_factors(log_decay, t, chunk_size)
     intra, qdec, kdec = intra[None, :, None], qdec[None, :, None], kdec[None]
@@ -123,62 +122,3 @@ def batched_factors(log_decay, t: int, chunk_size: int, docs=None):
     m = segment_masks(chunk_documents(docs, n * chunk_size, chunk_size))
     mask = lambda keep, x: jnp.where(keep[:, None], x, 0.0)
     return mask(m.same, intra), mask(m.qmask, qdec), mask(m.kmask, kdec), m.keep
-
-
-def _reset_factors(keep, ng, group):
-    """Multipliers that cut ``chunk_scan``'s group terms at resets (``keep = False`` steps).
-
-    With ``r`` = resets, ``inc``/``exc`` their inclusive/exclusive cumulative counts in a group:
-    step i reaches step j > i iff ``exc_j = inc_i``; the group exit iff ``inc_last = inc_i``; the
-    group entry reaches step j iff ``exc_j = 0``; and the entry reaches the exit iff ``inc_last = 0``.
-    Returns ``within [B,1,NG,G,G]``, ``to_end``/``enter [B,1,NG,G]`` and ``total [B,1,NG]`` (0/1).
-    """
-    r = jnp.pad(jnp.logical_not(keep).astype(jnp.int32), ((0, 0), (0, ng * group - keep.shape[1])))
-    inc = jnp.cumsum(r.reshape(-1, ng, group), axis=-1)
-    exc = inc - r.reshape(inc.shape)
-    f = lambda x: x.astype(_F32)[:, None]
-    within = f(exc[..., :, None] == inc[..., None, :])
-    return within, f(inc[..., -1:] == inc), f(exc == 0), f(inc[..., -1] == 0)
-
-
-def chunk_scan(u, lengths, log_decay, init, group=16, keep=None):
-    """Linear recurrence over chunks ``x_{n+1} = λ^{len_n}·x_n + u_n`` with ``x_0 = init``.
-
-    ``u`` is ``[B,H,N,Dk,Dv]``, ``lengths`` ``[N]`` (tokens per step, float), λ = exp(log_decay)
-    per head. Returns ``(xs [B,H,N,Dk,Dv] = x_0..x_{N−1}, x_N)``. Two-level: inside groups of
-    ``group`` chunks the contributions come from one batched matmul with a decay matrix
-    ``exp(g·Δ)`` (Δ = tokens in between ≥ 0); only ``N/group`` sequential steps remain.
-    ``keep`` (optional bool ``[B,N]``): where False the carried term is dropped,
-    ``x_{n+1} = u_n`` (a document ends in step n); the factors then become per batch.
-    """
-    b, h, n = u.shape[:3]
-    ng = -(-n // group)
-    pad = ng * group - n
-    u = jnp.pad(u, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-    lens = jnp.pad(jnp.asarray(lengths, _F32), (0, pad)).reshape(ng, group)  # padded: identity
-    g = log_decay.astype(_F32)[:, None, None]
-    ends = jnp.cumsum(lens, axis=1)  # tokens up to end of step i
-    starts = ends - lens  # tokens before step j
-    delta = starts[:, :, None] - ends[:, None, :]  # [NG, j, i]
-    within = jnp.where(delta >= 0, jnp.exp(g[..., None] * jnp.maximum(delta, 0.0)), 0.0)
-    to_end = jnp.exp(g * (ends[:, -1:] - ends))  # [H, NG, G]
-    enter = jnp.exp(g * starts)  # [H, NG, G]
-    total = jnp.exp(g[:, :, 0] * ends[None, :, -1])  # [H, NG]
-    if keep is None:  # per-head factors; enter/total get a broadcast batch dim
-        fs, enter, total = "h", enter[None], total[None]
-    else:  # per-batch factors, cut at document ends
-        w, e, n_, t_ = _reset_factors(keep, ng, group)
-        fs, within, to_end, enter, total = "bh", within[None] * w, to_end[None] * e, enter[None] * n_, total[None] * t_
-    ug = u.reshape(b, h, ng, group, *u.shape[3:])
-    hi = dict(precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
-    local = jnp.einsum(f"{fs}gji,bhgidv->bhgjdv", within, ug, **hi)
-    exits = jnp.einsum(f"{fs}gi,bhgidv->bhgdv", to_end, ug, **hi)
-
-    def step(x, xs):
-        e, t = xs
-        return t[..., None, None] * x + e, x
-
-    last, entering = lax.scan(step, init.astype(_F32), (jnp.moveaxis(exits, 2, 0), jnp.moveaxis(total, 2, 0)))
-    entering = jnp.moveaxis(entering, 0, 2)  # [B,H,NG,Dk,Dv]
-    xs = enter[..., None, None] * entering[:, :, :, None] + local
-    return xs.reshape(b, h, ng * group, *u.shape[3:])[:, :, :n], last
