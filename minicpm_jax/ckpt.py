@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
 
+from minicpm_jax import distributed
 from minicpm_jax.config.loading import build_model_config, load_config
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.interop import load_hf_checkpoint
@@ -40,15 +41,17 @@ def save_model(
     ``tokenizer_source``: a tokenizer directory (or ``tokenizer.json`` file) whose files are copied along,
     ``"byte"`` for the byte-level tokenizer (writes ``byte_tokenizer.json``), or None (no tokenizer).
     With a tokenizer, a ``generation_config.json`` naming its eos id is written unless one was copied.
+    In a multi-host run every process calls this (each saves its shards); process 0 writes the other files.
     """
     directory = Path(directory).resolve()
     with atomic_directory(directory, replaceable=is_native_checkpoint) as tmp:
-        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
-        if tokenizer_source is not None:
-            save_tokenizer(tokenizer_source, tmp)
+        if distributed.is_main():
+            (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            if tokenizer_source is not None:
+                save_tokenizer(tokenizer_source, tmp)
     return directory
 
 

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from minicpm_jax import distributed
 from minicpm_jax.config import ConfigError, build_config, load_config
 from minicpm_jax.config.loading import apply_overrides
 from minicpm_jax.safety import check_output, check_recipe_file, check_run_dir, jsonl_output, writing
@@ -467,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain from a recipe (configs/recipes/*.yaml), resuming if possible")
     p.add_argument("--config", required=True, help="recipe YAML")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="convert a dense checkpoint into a hybrid (configs/recipes/convert-*.yaml)")
@@ -572,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like mesh.fsdp=4)")
     args.overrides = extra
     try:
+        if distributed.initialize_from_args(args) and not distributed.is_main():
+            console.quiet = True
         args.func(args)
     except (ValueError, OSError, yaml.YAMLError, TrainingDiverged, TrainingStopped, KeyboardInterrupt) as e:
         if args.debug:

@@ -9,6 +9,10 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import jax
+
+from minicpm_jax import distributed
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -21,9 +25,30 @@ def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | N
     output of the same kind (e.g. a checkpoint being rewritten); anything else raises ``FileExistsError``
     before any work, so a wrong output path never deletes a user's files. Leftovers of an interrupted
     earlier write (``.<name>.tmp-*`` / ``.<name>.old-*`` beside ``target``) are cleaned up first.
+
+    With several processes (``minicpm_jax.distributed``) all of them enter with the same ``target`` and
+    get the same temp dir (named by the process count, not a uuid); process 0 alone creates, renames
+    and removes, between barriers.
     """
     target = Path(target).resolve()
+    if distributed.multiprocess():
+        with _shared_directory(target, replaceable) as tmp:
+            yield tmp
+        return
     _clean_leftovers(target)
+    _check_target(target, replaceable)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace(target, tmp, target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}"))
+
+
+def _check_target(target: Path, replaceable: Callable[[Path], bool] | None) -> None:
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (replaceable and replaceable(target))):
         what = (
             "a file"
@@ -34,19 +59,38 @@ def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | N
             f"{target} is {what} that is not an earlier output of this kind; choose a new or empty directory "
             "(nothing was written)"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+
+
+def _replace(target: Path, tmp: Path, old: Path) -> None:
     if target.exists():
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _shared_directory(target: Path, replaceable) -> Iterator[Path]:
+    """``atomic_directory`` for all processes of a multi-host run at once."""
+    main, tag = distributed.is_main(), f"p{jax.process_count()}"
+    tmp, old = (target.with_name(f".{target.name}.{kind}-{tag}") for kind in ("tmp", "old"))
+    if main:
+        _clean_leftovers(target)
+    distributed.barrier(f"atomic_directory.clean:{target}")
+    _check_target(target, replaceable)
+    if main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    distributed.barrier(f"atomic_directory.open:{target}")
+    try:
+        yield tmp
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    distributed.barrier(f"atomic_directory.written:{target}")
+    if main:
+        _replace(target, tmp, old)
+    distributed.barrier(f"atomic_directory.done:{target}")
 
 
 def _clean_leftovers(target: Path) -> None:

@@ -6,6 +6,9 @@ Every finished checkpoint gets a ``sha256.json`` manifest of its files; a checkp
 not match it (or, without a manifest, that cannot be read) is moved aside as ``corrupt-step-*`` with a
 warning naming the file, and the previous one is used. A checkpoint that is intact but does not fit
 the current run (changed config, other shapes) raises ``ResumeError`` and is never moved.
+
+In a multi-host run every process saves and restores through orbax (one directory, one commit);
+process 0 alone writes manifests and moves damaged checkpoints aside.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from minicpm_jax import distributed
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +109,9 @@ class TrainCheckpointer:
 
     def _move_aside(self, step: int, problem: str) -> None:
         aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
-        (self.directory / str(step)).rename(aside)
+        if distributed.is_main():
+            (self.directory / str(step)).rename(aside)
+        distributed.barrier(f"minicpm_jax.checkpoint.move_aside:{step}")
         self.manager.reload()
         log.warning(
             "skipping checkpoint step %d in %s: %s; moved it to %s and trying an older one",
@@ -118,7 +125,7 @@ class TrainCheckpointer:
         """Wait for the save in flight; write the manifests of this run's finished checkpoints."""
         self.manager.wait_until_finished()
         for step in sorted(self.unsealed):
-            if (self.directory / str(step)).is_dir():
+            if distributed.is_main() and (self.directory / str(step)).is_dir():
                 write_manifest(self.directory / str(step))
         self.unsealed.clear()
 

@@ -18,12 +18,17 @@ dtype) and lists the differences; ``force`` resumes anyway (shapes must still fi
 checkpoints, metrics and outputs into ``previous-<time>/`` and starts at step 0. The mesh, compute
 dtype, batch size, learning-rate schedule and ``train.steps`` may change (printed as a note).
 SIGTERM / SIGINT save a checkpoint and raise ``TrainingStopped``.
+
+With several processes (``minicpm_jax.distributed``) every process runs this loop on its share of each
+batch; a SIGTERM on any host (or a SIGINT, passed on as SIGTERM) stops all of them at the same step
+after one checkpoint; process 0 alone writes metrics, progress and moves files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minicpm_jax import distributed
 from minicpm_jax.ckpt import BYTE_TOKENIZER, load_any, save_model
 from minicpm_jax.config.schema import Config
 from minicpm_jax.data import build_tokenizer, make_eval_batches, make_train_iterator
@@ -111,6 +117,8 @@ def run_training(
     (default all) are the devices of the mesh.
     """
     console = console or Console()
+    if not distributed.is_main():
+        console = Console(quiet=True)
     run = prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices)
     try:
         _restore(run, console)
@@ -128,11 +136,12 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
     """Checkpointer and metrics first (an unwritable output or a refused resume fails before any compute),
     then mesh (over ``devices``, default all), weights, frozen state, data, trainer and monitor."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
-    if tc.resume == "fresh":
+    if tc.resume == "fresh" and distributed.is_main():
         _move_run_aside(out, console)
+    distributed.barrier("minicpm_jax.train.prepare")
     checkpointer, logger = TrainCheckpointer(out / "checkpoints", keep=tc.keep_checkpoints), None
     try:
-        logger = MetricsLogger(out)
+        logger = MetricsLogger(out, enabled=distributed.is_main())
         mesh = make_mesh(cfg.mesh, devices)
         check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
         dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -142,6 +151,10 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
                 console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
                 cfg = cfg.model_copy(update={"model": model_cfg})
         checkpointer.latest_config(functools.partial(_check_resume, cfg, None))  # refused before any compute
+        if tc.eval_tasks and distributed.multiprocess():
+            raise ValueError(
+                "train.eval_tasks: not supported with several processes yet; run them with `minicpm-jax eval`"
+            )
         if frozen is None:
             frozen = load_frozen(tc.frozen, mesh=mesh, dtype=dtypes["dtype"])
         tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -161,6 +174,7 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
                 )
             )
         eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
+        eval_batches = [distributed.local_rows(b) for b in eval_batches]
         trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model, frozen=frozen, trainable=trainable)
     except BaseException:
         checkpointer.close()
@@ -186,7 +200,7 @@ def _restore(run: Run, console: Console) -> None:
     start = 0
     if restored is not None:
         start, trainer.state, source_state, _ = restored
-        run.source.set_state(source_state)
+        run.source.set_state(distributed.own_state(source_state))
         console.print(f"resumed from {run.out / 'checkpoints'} at step {start}")
     run.monitor.logger.rewind(start)
 
@@ -259,6 +273,8 @@ def _train(run: Run, console: Console) -> dict:
         for step in range(start + 1, tc.steps + 1):
             batch = global_batch(trainer.mesh, run.source.next_batch(step, trainer))
             monitor.push(step, trainer.step(batch), batch["input_ids"].size if "input_ids" in batch else 0)
+            if distributed.preempted(step):
+                stop["signal"] = signal.SIGTERM
             last = step == tc.steps or stop["signal"]
             evaluate_now = (run.eval_batches or tc.eval_tasks) and tc.eval_every and step % tc.eval_every == 0
             evaluate_now = evaluate_now and step != tc.steps  # the last step is evaluated after the loop
@@ -271,7 +287,7 @@ def _train(run: Run, console: Console) -> dict:
             if evaluate_now:
                 monitor.logger.log(step, _evaluations(run, step))
             if checkpoint_now:
-                state = run.source.get_state()
+                state = distributed.gather_states(run.source.get_state())
                 run.checkpointer.save(step, trainer.state, state, cfg.model_dump(mode="json"), force=True)
             if stop["signal"]:
                 break
@@ -326,12 +342,20 @@ def _evaluations(run: Run, step: int) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: dict):
-    """SIGTERM / SIGINT set ``stop['signal']``; the loop checkpoints and exits after the current step."""
+    """SIGTERM / SIGINT set ``stop['signal']``; the loop checkpoints and exits after the current step.
+    With several processes SIGTERM is left to JAX's preemption service (``distributed.preempted``), and
+    SIGINT is passed on to it as a SIGTERM."""
 
     def handler(signum, _frame):
         stop["signal"] = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    def to_sigterm(_signum, _frame):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if distributed.multiprocess():
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, to_sigterm)}
+    else:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:

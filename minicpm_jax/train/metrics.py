@@ -1,5 +1,6 @@
 """Run metrics: JSONL file + TensorBoard (tensorboardX), appended across resumes (``rewind`` first drops
-the records of steps after the resumed one, so ``metrics.jsonl`` never repeats a step)."""
+the records of steps after the resumed one, so ``metrics.jsonl`` never repeats a step). A logger made with
+``enabled=False`` (every process but the first of a multi-host run) writes nothing."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from tensorboardX import SummaryWriter
 class MetricsLogger:
     """``log(step, {name: value})`` to ``metrics.jsonl`` and TensorBoard under ``directory``."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | Path, *, enabled: bool = True):
+        self.directory, self.enabled = Path(directory), enabled
+        if not enabled:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.directory / "metrics.jsonl", "a", buffering=1)
         self.tb = SummaryWriter(str(self.directory / "tensorboard"))
 
     def rewind(self, step: int) -> None:
         """Drop the JSONL records of steps after ``step`` (rewritten via a temp file)."""
+        if not self.enabled:
+            return
         path = self.directory / "metrics.jsonl"
         self.jsonl.close()
         kept = [r for r in read_metrics(self.directory) if r.get("step", 0) <= step]
@@ -29,12 +34,16 @@ class MetricsLogger:
         self.jsonl = open(path, "a", buffering=1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         values = {k: float(v) for k, v in values.items() if v is not None}
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.jsonl.close()
         self.tb.close()
 

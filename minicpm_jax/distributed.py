@@ -1,0 +1,122 @@
+"""Multi-host runs on JAX's multi-controller runtime (``jax.distributed``): one process per host, all
+running the same command.
+
+``initialize`` (called by the command line before any other JAX call) starts the runtime from
+``--coordinator ADDR --num-processes N --process-id I``, or with no arguments (JAX detects Cloud TPU,
+SLURM, Open MPI and Kubernetes) when ``--distributed`` is given or a multi-process SLURM / Open MPI
+launch is seen in the environment. The helpers below are no-ops in a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("multi-host (jax.distributed; run the same command on every host)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() with no arguments (Cloud TPU pod, SLURM, Open MPI, Kubernetes)",
+    )
+
+
+def _launched_by_cluster() -> bool:
+    """A multi-process launch that JAX's cluster detection reads without arguments (``srun``, ``mpirun``)."""
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+    return slurm or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+) -> bool:
+    """Start ``jax.distributed`` once; True if it was started. Explicit arguments go together."""
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id must be given together")
+    if jax.distributed.is_initialized():
+        return False
+    if coordinator is not None:
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id}: must be in 0..{num_processes - 1} (--num-processes)")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif auto or _launched_by_cluster():
+        jax.distributed.initialize()
+    else:
+        return False
+    return True
+
+
+def initialize_from_args(args) -> bool:
+    return initialize(
+        getattr(args, "coordinator", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+        auto=getattr(args, "distributed", False),
+    )
+
+
+def is_main() -> bool:
+    """Process 0: the one that writes logs, metrics, reports and exports."""
+    return jax.process_index() == 0
+
+
+def multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (a no-op in a single-process run)."""
+    if multiprocess():
+        multihost_utils.sync_global_devices(name)
+
+
+def preempted(step: int) -> bool:
+    """True on every process at the same step once any host got SIGTERM (JAX's preemption sync
+    service; call it at every step from the same start step). Always False with one process."""
+    return multiprocess() and multihost_utils.reached_preemption_sync_point(step)
+
+
+def local_rows(batch: dict) -> dict:
+    """This process's equal share of the rows of a batch every process holds in full."""
+    if not multiprocess():
+        return batch
+    n, i = jax.process_count(), jax.process_index()
+    return {k: v[i * len(v) // n : (i + 1) * len(v) // n] for k, v in batch.items()}
+
+
+def gather_states(state: dict) -> dict:
+    """The JSON states of all processes as ``{"process_states": [...]}`` (the state itself with one)."""
+    if not multiprocess():
+        return state
+    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.int32(data.size))))
+    padded = np.zeros(size, np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return {"process_states": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
+
+
+def own_state(saved: dict) -> dict:
+    """This process's state from ``gather_states``'s output; a run saved by another number of
+    processes cannot continue its data order (``ValueError``)."""
+    states = saved.get("process_states") if isinstance(saved, dict) else None
+    count = 1 if states is None else len(states)
+    if count != jax.process_count():
+        raise ValueError(
+            f"the checkpoint's data state was saved by {count} process(es), this run has {jax.process_count()}: "
+            "resume with the same number of processes, or start a new run (train.resume=fresh)"
+        )
+    return saved if states is None else states[jax.process_index()]

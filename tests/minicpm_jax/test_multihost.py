@@ -1,0 +1,116 @@
+"""Multi-host training on ``jax.distributed``: 2 processes x 4 CPU devices (gloo collectives) train the
+tiny recipe, are stopped by a SIGTERM sent to process 1 only (both save at the same step and exit),
+resume and finish; their per-step losses and final parameters equal those of 1 process x 8 devices
+fed the same global batches (``multihost_run.py reference``)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from minicpm_jax.ckpt import load_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+RUNNER = os.path.join(HERE, "multihost_run.py")
+RECIPE = "configs/recipes/pretrain-tiny.yaml"
+STEPS = 8
+OVERRIDES = [
+    f"train.steps={STEPS}",
+    "train.global_batch_size=8",
+    "mesh.data=2",
+    "mesh.fsdp=4",
+    "train.log_every=1",
+    "train.checkpoint_every=100",
+    "data.seq_len=64",
+    "data.synthetic_documents=400",
+    "data.eval_documents=8",
+    "optimizer.warmup_steps=2",
+    "optimizer.decay_steps=2",
+]
+TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out, port: int) -> list[subprocess.Popen]:
+    return [
+        subprocess.Popen(
+            [sys.executable, RUNNER, "cli", "4", "train", "--config", RECIPE, "--coordinator", f"127.0.0.1:{port}"]
+            + ["--num-processes", "2", "--process-id", str(i), *OVERRIDES, f"train.output_dir={out}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _wait(procs, deadline: float) -> list[tuple[int, str]]:
+    try:
+        return [(p.wait(max(deadline - time.monotonic(), 1)), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _losses(out) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps  # each step logged once, across the resume
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _params(directory) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(directory, dtype=np.float32)[1]))]
+
+
+def test_two_processes_stop_resume_and_match_one_process(tmp_path):
+    deadline = time.monotonic() + TIMEOUT
+    multi, single = tmp_path / "multi", tmp_path / "single"
+
+    procs = _launch(multi, _free_port())
+    while not (multi / "metrics.jsonl").is_file() or '"step": 2' not in (multi / "metrics.jsonl").read_text():
+        assert all(p.poll() is None for p in procs), _wait(procs, deadline)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # a preemption notice on one host only
+    stopped = _wait(procs, deadline)
+    saved = sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit())
+    assert [code for code, _ in stopped] == [128 + signal.SIGTERM] * 2, stopped
+    assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved
+    assert all(f"SIGTERM at step {saved[0]}" in err for _, err in stopped), stopped
+    assert not (multi / "final").exists()
+
+    resumed = _wait(_launch(multi, _free_port()), deadline)
+    assert [code for code, _ in resumed] == [0, 0], resumed
+    reference = subprocess.run(
+        [sys.executable, RUNNER, "reference", "2", RECIPE, *OVERRIDES, f"train.output_dir={single}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=max(deadline - time.monotonic(), 1),
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    got, want = _losses(multi), _losses(single)
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-6, atol=0)
+    for a, b in zip(_params(multi / "final"), _params(single / "final"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for name in ("model.yaml", "byte_tokenizer.json", "generation_config.json"):
+        assert (multi / "final" / name).read_bytes() == (single / "final" / name).read_bytes()
+    assert not list(tmp_path.glob("*/.*tmp*")) and not list(tmp_path.glob("*/final/.*"))
