@@ -32,7 +32,7 @@ IMPLEMENTATIONS = ("reference", "blockwise")
 def dense_attention_as(implementation: str):
     """The model's dense attention goes through ``causal_attention(..., implementation=...)``."""
 
-    def dense(q, k, v, segment_ids):
+    def dense(q, k, v, segment_ids, _layer_implementation=None):
         return causal_attention(q, k, v, segment_ids, implementation=implementation)
 
     with mock.patch.object(attention, "dense_attention", dense):

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.cache import KVCache, check_prefill, init_kv_cache
+from minicpm_jax.model.dense_attention import causal_attention
 from minicpm_jax.model.layers import Linear
 from minicpm_jax.model.partition import BATCH, HEADS, KV, Partition, cache_roles
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
@@ -90,9 +91,13 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """Causal GQA attention of a prefill (the path below ``dense_len``), on one shard's operands."""
-    return dot_product_attention(q, k, v, causal_mask(segment_ids, q.shape[0], q.shape[1]))
+def dense_attention(q, k, v, segment_ids: jax.Array | None, implementation: str = "auto") -> jax.Array:
+    """Causal GQA attention of a prefill (the path below ``dense_len``), on one shard's operands:
+    ``dense_attention.causal_attention`` by backend (cuDNN / splash / blockwise), or the plain
+    ``[B, H, T, T]`` version when the layer's ``implementation`` is ``"reference"``."""
+    return causal_attention(
+        q, k, v, segment_ids, implementation="reference" if implementation == "reference" else "auto"
+    )
 
 
 def kv_attend(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
@@ -182,7 +187,7 @@ class Attention(nnx.Module):
         """Prefill attention on one shard: dense below ``dense_len`` (or without sparse_config), InfLLM v2 above."""
         t = q.shape[1]
         if self.sparse is None or self.sparse.is_dense(t):
-            return dense_attention(q, part.local_kv(k), part.local_kv(v), segment_ids)
+            return dense_attention(q, part.local_kv(k), part.local_kv(v), segment_ids, self.implementation)
         if part.slice_kv:  # this shard holds part of one GQA group: the selection scores the whole group
             qs = part.group_heads(q if q_sel is None else q_sel)
             sel = select_blocks(qs, part.local_kv(k if k_sel is None else k_sel), self.sparse, segment_ids=segment_ids)

@@ -2,7 +2,6 @@
 gradient, fp32 and bf16, GQA, packed rows, T not a multiple of the block), TPU/CUDA lowering, errors,
 and memory that grows linearly in T (compile-only memory analysis)."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,15 +148,13 @@ def test_memory_grows_linearly():
         assert lo <= (m3 - m2) / (m2 - m1) <= hi, (implementation, m1, m2, m3)
 
 
-def test_tiny_model_train_step_memory_grows_linearly(monkeypatch):
-    """The whole tiny-MiniCPM4 train step (forward, backward, AdamW) with blockwise dense attention,
-    compile only, batch 1: its temp memory grows by the same amount per added token."""
+def test_tiny_model_train_step_memory_grows_linearly():
+    """The whole tiny-MiniCPM4 train step (forward, backward, AdamW) as the model runs it on CPU
+    (``auto``: blockwise dense attention), compile only, batch 1: its temp memory grows by the same
+    amount per added token."""
     from minicpm_jax.config import MeshConfig, load_config
-    from minicpm_jax.model import attention
     from minicpm_jax.train.plan import plan_train_memory
 
-    dense = lambda q, k, v, seg: causal_attention(q, k, v, seg, implementation="blockwise")
-    monkeypatch.setattr(attention, "dense_attention", dense)  # the model's dense path
     overrides = ["dtype=float32", "model.max_position_embeddings=8192", "train.loss_chunk_size=256"]
     cfg = load_config("tiny-minicpm4", overrides)
     m1, m2, m3 = (plan_train_memory(cfg, [MeshConfig(fsdp=1)], [1], t)[0].temp_bytes for t in (2048, 4096, 8192))
