@@ -433,9 +433,16 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.smoke and not args.full:
+        raise ValueError("demo: --smoke goes with --full (minicpm-jax demo --full --smoke)")
+    if args.full:
+        from minicpm_jax.demo_full import run_full_demo
+
+        run_full_demo(Path(args.output or "outputs/demo-full"), args.overrides, console, smoke=args.smoke)
+        return
     from minicpm_jax.demo import run_demo
 
-    run_demo(Path(args.output), args.overrides, console)
+    run_demo(Path(args.output or "outputs/demo"), args.overrides, console)
 
 
 def _add_plan_arguments(p) -> None:
@@ -463,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser, parents=[debug])
 
     p = sub.add_parser("demo", help="tiny MiniCPM4: build, run, export to Hugging Face, reload in PyTorch")
-    p.add_argument("--output", default="outputs/demo", help="where the exported checkpoints go")
+    p.add_argument("--output", help="where the outputs go (default outputs/demo, with --full outputs/demo-full)")
+    p.add_argument("--full", action="store_true", help="the three papers at toy scale -> OUTPUT/report.md")
+    p.add_argument("--smoke", action="store_true", help="with --full: every step with tiny budgets")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="pretrain from a recipe (configs/recipes/*.yaml), resuming if possible")
