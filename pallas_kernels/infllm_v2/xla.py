@@ -6,7 +6,9 @@ the blocks every token of a chunk may share — the first ``init`` blocks and th
 ending at the chunk's own block — are gathered once per chunk and multiplied as one matrix
 (rows masked by each token's own list); only the remaining ids are gathered per token. This needs
 every row to list at most ``n - init - window`` other blocks, which InfLLM v2's selection
-guarantees (its forced init/local blocks are exactly the shared ones). The backward recomputes
+guarantees (its forced init/local blocks are exactly the shared ones). With ``shared`` the first
+``n * block_size`` queries (whose causal blocks number at most ``n``, so InfLLM v2 lists them all)
+run the dense flash path (``dense.py``) instead: same result, no gathers. The backward recomputes
 probabilities from the saved log-sum-exp, gives dq per query and scatter-adds dK/dV into the
 listed blocks (the transpose of the gather). Runs on every backend.
 """
@@ -19,27 +21,29 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .dense import dense_causal_attention
+
 F32 = jnp.float32
 
 
-def _prep(q, k, v, block_idx, segment_ids, block_size, chunk):
-    """Pads and reshapes inputs into per-chunk, per-KV-head layouts."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
+def _prep(q, k, v, block_idx, segment_ids, block_size, chunk, q0):
+    """Pads and reshapes inputs into per-chunk, per-KV-head layouts (queries start at ``q0``)."""
+    b, tq, hq, d = q.shape
+    t, hkv = k.shape[1:3]
     nb = -(-t // block_size)
-    nc = -(-t // chunk)
-    tq = nc * chunk
-    qc = jnp.pad(q, ((0, 0), (0, tq - t), (0, 0), (0, 0)))
+    nc = -(-tq // chunk)
+    tp = nc * chunk
+    qc = jnp.pad(q, ((0, 0), (0, tp - tq), (0, 0), (0, 0)))
     qc = qc.reshape(b, nc, chunk, hkv, hq // hkv, d).transpose(1, 0, 3, 2, 4, 5)  # [nc,B,Hkv,C,G,D]
     pad_k = ((0, 0), (0, nb * block_size - t), (0, 0), (0, 0))
     kb = jnp.pad(k, pad_k).reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)  # [B,Hkv,nb,Bk,D]
     vb = jnp.pad(v, pad_k).reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
-    idx = jnp.pad(block_idx, ((0, 0), (0, 0), (0, tq - t), (0, 0)), constant_values=-1)
+    idx = jnp.pad(block_idx, ((0, 0), (0, 0), (0, tp - tq), (0, 0)), constant_values=-1)
     idx = idx.reshape(b, hkv, nc, chunk, -1).transpose(2, 0, 1, 3, 4)  # [nc,B,Hkv,C,n]
     seg = None
     if segment_ids is not None:
         sk = jnp.pad(segment_ids, ((0, 0), (0, nb * block_size - t)), constant_values=-1)
-        sq = jnp.pad(segment_ids, ((0, 0), (0, tq - t)), constant_values=-2)
+        sq = jnp.pad(segment_ids[:, q0:], ((0, 0), (0, tp - tq)), constant_values=-2)
         seg = (sq.reshape(b, nc, chunk).swapaxes(0, 1), sk.reshape(b, nb, block_size))
     return qc, kb, vb, idx, seg
 
@@ -47,14 +51,14 @@ def _prep(q, k, v, block_idx, segment_ids, block_size, chunk):
 class _Parts:
     """The key blocks of one chunk: shared (per chunk) and per-token, with their masks."""
 
-    def __init__(self, ci, idx, sq, seg, kb, vb, chunk, block_size, shared):
-        qpos = ci * chunk + jnp.arange(chunk)
+    def __init__(self, c0, idx, sq, seg, kb, vb, chunk, block_size, shared, kbt=None):
+        qpos = c0 + jnp.arange(chunk)
         gather = jax.vmap(jax.vmap(lambda x, i: x[jnp.maximum(i, 0)]))
         self.rest = idx
         self.ids = []
         if shared is not None:
             init, window = shared
-            qb = (ci * chunk) // block_size
+            qb = c0 // block_size
             win = qb - window + 1 + jnp.arange(window)
             sh = jnp.concatenate([jnp.arange(init), jnp.where(win >= init, win, -1)])  # [S]
             in_sh = (idx >= 0) & ((idx < init) | ((idx > qb - window) & (idx <= qb)))
@@ -78,39 +82,43 @@ class _Parts:
         if seg is not None:
             sk = jax.vmap(lambda s, i: s[jnp.maximum(i, 0)])(seg, r)  # [B,Hkv,C,n,Bk]
             m = m & (sk == sq[:, None, :, None, None])
-        self.token = (r, gather(kb, r), gather(vb, r), m)  # per token
+        if kbt is None:
+            self.token = (r, gather(kb, r), gather(vb, r), m, "bgcskd")  # per token
+        else:  # keys gathered pre-transposed: 256-byte rows, and the score product needs no transpose
+            kt = jax.vmap(jax.vmap(jax.vmap(lambda x, i: x[:, jnp.maximum(i, 0)], (None, 0))))(kbt, r)
+            self.token = (r, kt, gather(vb, r), m, "bgcdsk")
 
     def groups(self):
-        """(ids, k, v, mask, einsum key spec): shared keys are 'bgsk', per-token keys 'bgcsk'."""
-        out = [self.token + ("bgcsk",)]
+        """(ids, k, v, mask, spec, score key spec): shared keys are 'bgsk', per-token keys 'bgcsk'."""
+        out = [self.token[:4] + ("bgcsk", self.token[4])]
         if self.shared is not None:
-            out.append(self.shared + ("bgsk",))
+            out.append(self.shared + ("bgsk", "bgskd"))
         return out
 
 
-def _scores(qc, kg, m, spec, scale):
-    s = jnp.einsum(f"bgchd,{spec}d->bgchsk", qc, kg, preferred_element_type=F32) * scale
+def _scores(qc, kg, m, kspec, scale):
+    s = jnp.einsum(f"bgchd,{kspec}->bgchsk", qc, kg, preferred_element_type=F32) * scale
     return jnp.where(m[:, :, :, None], s, -jnp.inf)
 
 
-def _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
+def _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared, q0):
     b, t, hq, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk)
+    qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk, q0)
+    kbt = kb.swapaxes(-1, -2).swapaxes(-2, -3)  # [B,Hkv,D,nb,Bk]
 
     def body(x):
         ci, qq, ii = x[0], x[1], x[2]
-        parts = _Parts(
-            ci, ii, None if seg is None else x[3], None if seg is None else seg[1], kb, vb, chunk, block_size, shared
-        ).groups()
-        ss = [_scores(qq, kg, m, spec, scale) for _, kg, _, m, spec in parts]
+        sq, sk = (None, None) if seg is None else (x[3], seg[1])
+        parts = _Parts(q0 + ci * chunk, ii, sq, sk, kb, vb, chunk, block_size, shared, kbt).groups()
+        ss = [_scores(qq, kg, m, ks, scale) for _, kg, _, m, _, ks in parts]
         mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=(-2, -1)) for s in ss])[..., None, None]
         mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
         ps = [jnp.exp(s - mx) for s in ss]
         l = sum(jnp.sum(p, axis=(-2, -1)) for p in ps)
         o = sum(
             jnp.einsum(f"bgchsk,{spec}d->bgchd", p, vg, preferred_element_type=F32)
-            for p, (_, _, vg, _, spec) in zip(ps, parts)
+            for p, (_, _, vg, _, spec, _) in zip(ps, parts)
         )
         o = o / jnp.where(l > 0, l, 1.0)[..., None]
         lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + mx[..., 0, 0], jnp.inf)
@@ -122,25 +130,24 @@ def _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
     return o, lse  # lse: [nc,B,Hkv,C,G]
 
 
-def _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared):
+def _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared, q0):
     b, t, hq, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk)
-    oc = _prep(o, k, v, block_idx, None, block_size, chunk)[0]
-    doc = _prep(do, k, v, block_idx, None, block_size, chunk)[0]
+    qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk, q0)
+    oc = _prep(o, k, v, block_idx, None, block_size, chunk, q0)[0]
+    doc = _prep(do, k, v, block_idx, None, block_size, chunk, q0)[0]
     nb = kb.shape[2]
     add = jax.vmap(jax.vmap(lambda acc, i, u: acc.at[i].add(u, mode="drop")))
 
     def body(carry, x):
         dk, dv = carry
         ci, qq, ii, oo, dd, ll = x[:6]
-        parts = _Parts(
-            ci, ii, None if seg is None else x[6], None if seg is None else seg[1], kb, vb, chunk, block_size, shared
-        ).groups()
+        sq, sk = (None, None) if seg is None else (x[6], seg[1])
+        parts = _Parts(q0 + ci * chunk, ii, sq, sk, kb, vb, chunk, block_size, shared).groups()
         delta = jnp.sum(dd.astype(F32) * oo.astype(F32), axis=-1)[..., None, None]
         dq = 0.0
-        for ids, kg, vg, m, spec in parts:
-            p = jnp.exp(_scores(qq, kg, m, spec, scale) - ll[..., None, None])  # [B,Hkv,C,G,s,Bk]
+        for ids, kg, vg, m, spec, ks in parts:
+            p = jnp.exp(_scores(qq, kg, m, ks, scale) - ll[..., None, None])  # [B,Hkv,C,G,s,Bk]
             dp = jnp.einsum(f"bgchd,{spec}d->bgchsk", dd, vg, preferred_element_type=F32)
             ds = p * (dp - delta) * scale
             dq = dq + jnp.einsum(f"bgchsk,{spec}d->bgchd", ds, kg, preferred_element_type=F32)
@@ -156,23 +163,23 @@ def _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, sh
     xs = (jnp.arange(qc.shape[0]), qc, idx, oc, doc, lse) + (() if seg is None else (seg[0],))
     (dk, dv), dq = jax.lax.scan(body, (zeros, zeros), xs)
     dq = dq.transpose(1, 0, 3, 2, 4, 5).reshape(b, -1, hq, d)[:, :t].astype(q.dtype)
-    unblock = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(b, -1, k.shape[2], d)[:, :t]
+    unblock = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(b, -1, k.shape[2], d)[:, : k.shape[1]]
     return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
-    return _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, block_idx, segment_ids, block_size, chunk, shared, q0):
+    return _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared, q0)[0]
 
 
-def _attention_fwd(q, k, v, block_idx, segment_ids, block_size, chunk, shared):
-    o, lse = _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared)
+def _attention_fwd(q, k, v, block_idx, segment_ids, block_size, chunk, shared, q0):
+    o, lse = _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared, q0)
     return o, (q, k, v, block_idx, segment_ids, o, lse)
 
 
-def _attention_bwd(block_size, chunk, shared, res, do):
+def _attention_bwd(block_size, chunk, shared, q0, res, do):
     q, k, v, block_idx, segment_ids, o, lse = res
-    dq, dk, dv = _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared)
+    dq, dk, dv = _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, shared, q0)
     return dq, dk, dv, None, None
 
 
@@ -184,13 +191,21 @@ def block_sparse_attention(q, k, v, block_idx, *, block_size, segment_ids=None, 
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D]; block_idx int32 [B, Hkv, T, n] (no repeated ids in a
     row). ``shared=(init, window)``: see the module docstring (rows must list at most
-    ``n - init - window`` blocks outside the shared ones).
+    ``n - init - window`` blocks outside the shared ones, and every row with at most ``n`` causal
+    blocks must list all of them: those rows, the first ``n * block_size``, run dense).
     """
     chunk = max(1, min(chunk, q.shape[1]))
+    q0 = 0
     if shared is not None:
+        q0 = min(q.shape[1], block_idx.shape[-1] * block_size)
         if sum(shared) >= block_idx.shape[-1]:
             shared = None  # nothing left per token: plain per-token gather
         else:
             chunk = math.gcd(chunk, block_size)  # a chunk must lie inside one block
     block_idx = jax.lax.stop_gradient(block_idx)
-    return _attention(q, k, v, block_idx, segment_ids, block_size, chunk, None if shared is None else tuple(shared))
+    prefix = lambda x: None if x is None else x[:, :q0]
+    out = [] if q0 == 0 else [dense_causal_attention(q[:, :q0], k[:, :q0], v[:, :q0], segment_ids=prefix(segment_ids))]
+    if q0 < q.shape[1]:
+        shared = None if shared is None else tuple(shared)
+        out.append(_attention(q[:, q0:], k, v, block_idx[:, :, q0:], segment_ids, block_size, chunk, shared, q0))
+    return jnp.concatenate(out, axis=1)
