@@ -6,8 +6,10 @@ one or ``batch`` of them into ``SamplingArrays``, per-row arrays the jitted engi
 min-p, and returns the logits of the sampling distribution (``-inf`` where excluded). ``sample`` draws
 one token per row with that row's own PRNG key.
 
-Everything is traced: per-row parameters are arrays, so top-k and top-p use one descending sort of
-each row and compare against a threshold value rather than ``lax.top_k`` with a static ``k``. At the
+Everything is traced: per-row parameters are arrays, so top-k and top-p compare against a
+threshold value found in a descending prefix of each row: its ``CANDIDATES`` largest logits from
+``lax.top_k``, or, when that prefix cannot decide some row (``top_k`` beyond it, or a nucleus that it
+does not reach), one full descending sort of the batch. A batch of greedy rows needs neither. At the
 top-k and top-p boundaries all tokens tied with the boundary token are kept (the kept set can then be
 larger than ``k``, or than the smallest nucleus). Greedy rows (``temperature == 0``) get a point mass on
 the argmax of the penalised logits (first index on ties).
@@ -113,30 +115,54 @@ def apply_repetition_penalty(logits: jax.Array, penalty: jax.Array, seen: jax.Ar
     return jnp.where(seen, penalised, logits)
 
 
+CANDIDATES = 64  # the top-k prefilter's width: rows with top_k <= this (or off) and a nucleus within it avoid a sort
+
+
 def _row_value(sorted_desc: jax.Array, index: jax.Array) -> jax.Array:
     """``sorted_desc[b, index[b]]`` for each row, as ``[B, 1]``."""
     return jnp.take_along_axis(sorted_desc, index[:, None], axis=-1)
 
 
-def _top_k_threshold(sorted_desc: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Smallest kept logit under top-k (``-inf`` where ``top_k == 0``), ``[B, 1]``."""
-    vocab = sorted_desc.shape[-1]
-    kth = _row_value(sorted_desc, jnp.clip(top_k - 1, 0, vocab - 1))
-    return jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
+def _top_k_threshold(desc: jax.Array, top_k: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """Smallest kept logit under top-k (``-inf`` where off: ``top_k == 0`` or ``>= vocab``, which keep
+    everything), ``[B, 1]``, and whether the descending prefix ``desc`` holds the k-th logit, ``[B]``."""
+    on = (top_k > 0) & (top_k < vocab)
+    kth = _row_value(desc, jnp.clip(top_k - 1, 0, desc.shape[-1] - 1))
+    return jnp.where(on[:, None], kth, -jnp.inf), ~on | (top_k <= desc.shape[-1])
 
 
-def _top_p_threshold(sorted_desc: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Smallest kept logit under top-p of the (already filtered, descending) row, ``[B, 1]``.
+def _top_p_threshold(desc: jax.Array, log_z: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Smallest kept logit under top-p, ``[B, 1]``, from a descending prefix ``desc`` of the (top-k
+    filtered) row whose log-normaliser is ``log_z [B, 1]``, and whether the prefix decides it, ``[B]``.
 
     A token is kept while the probability mass strictly before it is below ``top_p``, which gives the
     smallest prefix whose mass reaches ``top_p``. ``top_p >= 1`` keeps everything.
     """
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    cum = jnp.cumsum(probs, axis=-1)
-    mass_before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
+    probs = jnp.exp(desc - log_z)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
     n_keep = jnp.sum(mass_before < top_p[:, None], axis=-1)  # >= 1: the first token has 0 mass before it
-    last = _row_value(sorted_desc, jnp.maximum(n_keep - 1, 0))
-    return jnp.where(top_p[:, None] >= 1.0, -jnp.inf, last)
+    last = _row_value(desc, jnp.maximum(n_keep - 1, 0))
+    off = top_p >= 1.0
+    return jnp.where(off[:, None], -jnp.inf, last), off | (n_keep < desc.shape[-1])
+
+
+def _truncation(scaled: jax.Array, desc: jax.Array, params: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """The top-k / top-p / min-p threshold ``[B, 1]`` from a descending prefix ``desc`` of ``scaled``
+    (or all of it, sorted), and whether the prefix decides it, per row ``[B]``."""
+    k_thr, k_fits = _top_k_threshold(desc, params.top_k, scaled.shape[-1])
+    log_z = jax.nn.logsumexp(jnp.where(scaled >= k_thr, scaled, -jnp.inf), axis=-1, keepdims=True)
+    p_thr, p_fits = _top_p_threshold(jnp.where(desc >= k_thr, desc, -jnp.inf), log_z, params.top_p)
+    m_thr = _min_p_threshold(desc[:, :1], params.min_p)
+    return jnp.maximum(jnp.maximum(k_thr, p_thr), m_thr), k_fits & p_fits
+
+
+def _threshold(scaled: jax.Array, params: SamplingArrays, greedy: jax.Array) -> jax.Array:
+    """``_truncation`` from the ``CANDIDATES`` largest logits, or from a full sort if they do not decide
+    it for some sampled (not ``greedy``) row."""
+    width = min(CANDIDATES, scaled.shape[-1])
+    threshold, fits = _truncation(scaled, jax.lax.top_k(scaled, width)[0], params)
+    full = lambda: _truncation(scaled, -jnp.sort(-scaled, axis=-1), params)[0]
+    return jax.lax.cond((fits | greedy).all(), lambda: threshold, full)
 
 
 def _min_p_threshold(max_logit: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -162,13 +188,10 @@ def process_logits(logits: jax.Array, params: SamplingArrays, seen: jax.Array) -
     greedy = params.temperature == 0
     scaled = penalised / jnp.where(greedy, 1.0, params.temperature)[:, None]
 
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    k_thr = _top_k_threshold(sorted_desc, params.top_k)
-    after_k = jnp.where(sorted_desc >= k_thr, sorted_desc, -jnp.inf)  # still descending
-    p_thr = _top_p_threshold(after_k, params.top_p)
-    m_thr = _min_p_threshold(sorted_desc[:, :1], params.min_p)
-    threshold = jnp.maximum(jnp.maximum(k_thr, p_thr), m_thr)
-
+    b = scaled.shape[0]
+    threshold = jax.lax.cond(
+        greedy.all(), lambda: jnp.full((b, 1), -jnp.inf), lambda: _threshold(scaled, params, greedy)
+    )
     sampled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     return jnp.where(greedy[:, None], _point_mass(penalised), sampled)
 
@@ -196,8 +219,9 @@ def sample(
     (0 for greedy rows); ``model_logprob`` is ``log_softmax`` of the unmodified ``logits`` at the token.
     """
     processed = process_logits(logits, params, seen)
-    drawn = jax.vmap(jax.random.categorical)(_typed_keys(keys), processed)
     greedy = params.temperature == 0
-    tokens = jnp.where(greedy, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
+    argmax = jnp.argmax(processed, axis=-1)
+    draw = lambda: jax.vmap(jax.random.categorical)(_typed_keys(keys), processed)
+    tokens = jnp.where(greedy, argmax, jax.lax.cond(greedy.all(), lambda: argmax, draw)).astype(jnp.int32)
     logprob = jnp.where(greedy, 0.0, _logprob_at(processed, tokens))
     return tokens, logprob, _logprob_at(logits, tokens)

@@ -4,11 +4,13 @@ rows, per-row keys and parameter validation."""
 import dataclasses
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
+from minicpm_jax.generate import sampling
 from minicpm_jax.generate.sampling import (
     SamplingArrays,
     SamplingParams,
@@ -323,3 +325,49 @@ def test_sampling_arrays_shapes_and_length_check():
 def test_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SamplingParams().temperature = 2.0  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- top-k prefilter and its full-sort fallback
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 1000])  # 1000 > V: the prefilter is the whole row
+def test_prefilter_width_does_not_change_the_result(width, monkeypatch):
+    """Narrow prefilters make most rows fall back to the full sort; every width gives the reference's sets."""
+    monkeypatch.setattr(sampling, "CANDIDATES", width)
+    rng = np.random.default_rng(1)
+    b, v = len(MIXED_ROWS), 32
+    logits = (rng.standard_normal((b, v)) * 2).astype(np.float32)
+    seen = rng.random((b, v)) < 0.3
+    out = np.asarray(jax.jit(process_logits)(jnp.asarray(logits), _arrays(MIXED_ROWS), jnp.asarray(seen)))
+    for i, p in enumerate(MIXED_ROWS):
+        want = reference_logprobs(logits[i], seen[i], p)
+        np.testing.assert_array_equal(np.isfinite(out[i]), np.isfinite(want), err_msg=f"row {i}: {p}")
+    ties = jnp.asarray([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0], [2.0, 1.0, 1.0, 0.0, -1.0, -1.0]])
+    rows = [SamplingParams(top_k=2), SamplingParams(top_p=0.6)]  # the ties reach past a width-2 prefilter
+    out = jax.jit(process_logits)(ties, _arrays(rows), jnp.zeros(ties.shape, bool))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(out)), [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+
+
+def _unconditional_primitives(jaxpr) -> set[str]:
+    """Primitives a jaxpr always runs: its equations', recursing into everything but ``cond`` branches."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name != "cond":
+            for sub in eqn.params.values():
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    names |= _unconditional_primitives(getattr(sub, "jaxpr", sub))
+    return names
+
+
+def test_sorts_and_draws_only_where_needed():
+    """The full sort runs only in the fallback branch, top-k and the draw only when some row samples."""
+    v = 73_448
+    logits = jax.random.normal(jax.random.key(3), (2, v)) * 3
+    keys = jax.random.split(jax.random.key(0), 2)
+    rows = _arrays([SamplingParams(temperature=0.0)] * 2)
+    jaxpr = jax.make_jaxpr(sample)(logits, rows, jnp.zeros((2, v), bool), keys).jaxpr
+    always = _unconditional_primitives(jaxpr)
+    assert "cond" in always and not always & {"sort", "top_k", "random_bits", "threefry2x32"}
+    tokens = jit_sample(logits, rows, jnp.zeros((2, v), bool), keys)[0]
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(logits, axis=-1)))
