@@ -567,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="tokenizer directory to copy along (default: SOURCE's own, if any)"
     )
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors above this size")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_export_hf)
 
     return parser

@@ -89,6 +89,14 @@ def preempted(step: int) -> bool:
     return multiprocess() and multihost_utils.reached_preemption_sync_point(step)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of ``x`` on this host; an array spread over several hosts is gathered (a
+    collective: every process calls it, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def local_rows(batch: dict) -> dict:
     """This process's equal share of the rows of a batch every process holds in full."""
     if not multiprocess():

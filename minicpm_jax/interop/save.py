@@ -2,18 +2,20 @@
 safetensors (sharded + index above ``max_shard_bytes``), tokenizer files. No torch needed.
 
 The host holds one shard's tensors at a time; each parameter is gathered from its devices on its own.
+In a multi-host run every process calls ``save_hf_checkpoint`` (each gathers every tensor); process 0
+alone writes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from minicpm_jax import distributed
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.data.tokenizer import (  # noqa: F401 (TOKENIZER_*, copy_tokenizer, has_tokenizer: for ckpt, cli)
     TOKENIZER_FILES,
@@ -55,7 +57,7 @@ def save_hf_checkpoint(
 
     def tensor(key: str) -> np.ndarray:
         src, scale = sources[key]
-        host = np.asarray(jax.device_get(variables[entries[src].path][...]), np.float32)
+        host = np.asarray(distributed.to_host(variables[entries[src].path][...]), np.float32)
         if scale != 1.0:
             host = host * np.float32(scale)
         return np.ascontiguousarray(to_hf(host, entries[src]).astype(NUMPY_DTYPES[dtype]))
@@ -63,7 +65,11 @@ def save_hf_checkpoint(
     with atomic_directory(directory, replaceable=is_hf_checkpoint) as tmp:
         shards = plan_shards(sizes, max_shard_bytes)
         for filename, keys in shards:
-            save_file({k: tensor(k) for k in keys}, str(tmp / filename), metadata={"format": "pt"})
+            tensors = {k: tensor(k) for k in keys}
+            if distributed.is_main():
+                save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+        if not distributed.is_main():
+            return Path(directory)
         if len(shards) > 1:
             write_json(
                 tmp / INDEX_NAME,

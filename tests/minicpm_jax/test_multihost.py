@@ -114,3 +114,23 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
     for name in ("model.yaml", "byte_tokenizer.json", "generation_config.json"):
         assert (multi / "final" / name).read_bytes() == (single / "final" / name).read_bytes()
     assert not list(tmp_path.glob("*/.*tmp*")) and not list(tmp_path.glob("*/final/.*"))
+
+
+def test_two_processes_export_the_same_files_as_one(tmp_path):
+    def export(out, devices: int, *distributed: str):
+        args = ["export-hf", "tiny-minicpm4", str(out), "--dtype", "float32", "mesh.fsdp=-1", *distributed]
+        return subprocess.Popen([sys.executable, RUNNER, "cli", str(devices), *args], cwd=ROOT, stderr=subprocess.PIPE)
+
+    port = _free_port()
+    multi = [
+        export(
+            tmp_path / "multi", 4, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)
+        )
+        for i in range(2)
+    ]
+    results = _wait([*multi, export(tmp_path / "single", 8)], time.monotonic() + TIMEOUT)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    files = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "multi").iterdir()) and "model.safetensors" in files
+    for name in files:
+        assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
