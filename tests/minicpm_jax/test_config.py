@@ -109,6 +109,8 @@ def test_unknown_preset_and_bad_override():
         load_config("nope")
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config("tiny-minicpm4", ["model.num_hidden_layers"])
+    with pytest.raises(ConfigError, match=r"override 'model.hidden_size=\[': the value is not valid YAML \(expected"):
+        load_config("tiny-minicpm4", ["model.hidden_size=["])
 
 
 def test_recipe_by_shipped_name(tmp_path, monkeypatch):
