@@ -13,8 +13,10 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
+from minicpm_jax import distributed
 from minicpm_jax.ckpt import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,3 +136,11 @@ def test_two_processes_export_the_same_files_as_one(tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "multi").iterdir()) and "model.safetensors" in files
     for name in files:
         assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def test_initialize_refuses_incomplete_or_out_of_range_arguments():
+    with pytest.raises(ValueError, match="given together"):
+        distributed.initialize("127.0.0.1:1234", 2)
+    with pytest.raises(ValueError, match="--process-id 2: must be in 0..1"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    assert not distributed.multiprocess() and distributed.is_main()
