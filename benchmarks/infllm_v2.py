@@ -1,13 +1,17 @@
-"""InfLLM v2 benchmark: sparse path (selection + block-sparse attention) vs dense causal attention.
+"""InfLLM v2 benchmark: sparse path (selection + block-sparse attention) vs strong dense attention.
 
-Default: CPU, B=1, Hq=16, Hkv=1, D=64, fp32, the spec's parameters (kernel 32/16, block 64,
-window 2048, top-k 64 -> 96 blocks), T in {8K, 16K, 32K, 64K}; forward everywhere, forward+backward
-at 8K and 16K. The dense baseline is the memory-safe flash-style jnp attention of the package.
-Prints a ratio table with the FLOP-count limit of each ratio and writes JSON.
+CPU, B=1, Hq=16, Hkv=1, D=64, fp32, the released config (kernel 32/16, block 64, window 2048,
+top-k 64 -> 96 blocks). In one run: this machine's fp32 matmul GFLOP/s (the roofline); the
+baseline ``baselines.blockwise_attention`` (causal blocks only, GQA folded, blocks of 512) and
+``jax.nn.dot_product_attention`` where its ``[Hq, T, T]`` scores fit in ``--max-gib``; the
+library's dense path (``dense_causal_attention``), our sparse path and its selection alone. All
+forward timings are interleaved (median of ``--repeats``). Forward+backward (``--bwd-lengths``)
+compares sparse with the library dense path (the baseline loop has a data-dependent trip count and
+no reverse-mode derivative). FLOPs count only causally needed products. Writes JSON.
 
-  python benchmarks/infllm_v2.py                       # 8K, 16K, 32K (~8 min on 2 busy cores)
-  python benchmarks/infllm_v2.py --lengths 65536 --dense-max-len 32768 \
-      --out benchmarks/results/infllm_v2_cpu_64k.json   # 64K sparse; dense extrapolated (T^2)
+  python benchmarks/infllm_v2.py                       # 8K, 16K, 32K
+  python benchmarks/infllm_v2.py --lengths 32768 65536 --bwd-lengths \
+      --out benchmarks/results/infllm_v2_cpu_64k.json  # the 32K -> 64K scaling (long)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -24,151 +29,139 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.infllm_v2 import InfLLMv2Config, dense_causal_attention, infllm_v2_attention
-from pallas_kernels.infllm_v2 import select_blocks
+from benchmarks.baselines import blockwise_attention, matmul_gflops
+from pallas_kernels.infllm_v2 import InfLLMv2Config, dense_causal_attention, infllm_v2_attention, select_blocks
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def flops(t, hq, d, cfg: InfLLMv2Config):
     """(dense causal, sparse attention, selection) FLOPs counting only causally needed products."""
-    dense = 4 * d * hq * t * (t + 1) // 2
-    bs, n = cfg.block_size, cfg.num_selected
-    sparse = sel = 0
-    ks, kst = cfg.kernel_size, cfg.kernel_stride
-    for i in range(t):  # python loop over 64K is fine (~0.1 s)
-        qb = i // bs
-        sparse += (min(n, qb + 1) - 1) * bs + i % bs + 1
-        sel += max(0, (i + 1 - ks) // kst + 1) + max(0, (i + 1 - 4 * ks) // (4 * kst) + 1)
-    return dense, 4 * d * hq * sparse, 2 * d * hq * sel
+    i = np.arange(t, dtype=np.int64)
+    bs, n, ks, kst = cfg.block_size, cfg.num_selected, cfg.kernel_size, cfg.kernel_stride
+    sparse = np.sum((np.minimum(n, i // bs + 1) - 1) * bs + i % bs + 1)
+    sel = np.sum(np.maximum(0, (i + 1 - ks) // kst + 1) + np.maximum(0, (i + 1 - 4 * ks) // (4 * kst) + 1))
+    return 4 * d * hq * t * (t + 1) // 2, 4 * d * hq * int(sparse), 2 * d * hq * int(sel)
 
 
-def timed(fn, args, repeats):
-    """Compile ahead of time, then the best of `repeats` runs; also XLA's memory estimate."""
+def compiled(fn, args):
+    """AOT-compiled fn, compile seconds and XLA's peak estimate (arguments + outputs + temps)."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    best = float("inf")
+    c = jax.jit(fn).lower(*args).compile()
+    m = c.memory_analysis()
+    peak = None if m is None else int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+    return c, time.perf_counter() - t0, peak
+
+
+def interleaved(fns, args, repeats):
+    """{name: median seconds}: one warm-up call each, then the fns take turns."""
+    times = {n: [] for n in fns}
+    for f in fns.values():
+        jax.block_until_ready(f(*args))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t0)
-    mem = compiled.memory_analysis()
-    peak = None
-    if mem is not None:
-        peak = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
-    return best, compile_s, peak
-
-
-def _dense_reference(path, t):
-    """The largest measured dense row below t in a previous result file."""
-    with open(path) as f:
-        rows = [r for r in json.load(f)["rows"] if r["T"] < t and "dense_extrapolated_from" not in r]
-    return max(rows, key=lambda r: r["T"])
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(x) for n, x in times.items()}
 
 
 def with_grad(fn):
-    def loss(q, k, v):
-        return jnp.sum(fn(q, k, v))
-
-    return jax.grad(loss, (0, 1, 2))
+    return jax.grad(lambda q, k, v, w: jnp.sum(w * fn(q, k, v)), (0, 1, 2))
 
 
-def run(args):
+def measure(names_fns, args, repeats, row, suffix):
+    fns = {}
+    for name, fn in names_fns.items():
+        fns[name], row[f"{name}_{suffix}_compile_s"], row[f"{name}_{suffix}_peak_bytes"] = compiled(fn, args)
+    for name, s in interleaved(fns, args, repeats).items():
+        row[f"{name}_{suffix}_s"] = s
+        print(f"  T={row['T']} {name} {suffix} {s:.3f}s", flush=True)
+
+
+def run(args, roofline):
     cfg = InfLLMv2Config(dense_len=-1)
-    b, hq, hkv, d = 1, args.heads, args.kv_heads, args.head_dim
-    sparse = functools.partial(
-        infllm_v2_attention,
-        config=cfg,
-        implementation=args.implementation,
-        interpret=args.implementation.startswith("pallas") and args.interpret,
-    )
-    sparse_fn = lambda q, k, v: sparse(q, k, v)
-    dense_fn = lambda q, k, v: dense_causal_attention(q, k, v)
-    select_fn = lambda q, k, v: select_blocks(q, k, cfg)
+    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
+    sparse = functools.partial(infllm_v2_attention, config=cfg, implementation="xla")
+    fwd = {
+        "baseline": blockwise_attention,
+        "dense": dense_causal_attention,
+        "sparse": lambda q, k, v: sparse(q, k, v),
+        "selection": lambda q, k, v: select_blocks(q, k, cfg),
+    }
     rows = []
     for t in args.lengths:
-        key = jax.random.split(jax.random.key(t), 3)
-        q = jax.random.normal(key[0], (b, t, hq, d), jnp.float32)
-        k = jax.random.normal(key[1], (b, t, hkv, d), jnp.float32)
-        v = jax.random.normal(key[2], (b, t, hkv, d), jnp.float32)
+        key = jax.random.split(jax.random.key(t), 4)
+        q = jax.random.normal(key[0], (1, t, hq, d), jnp.float32)
+        k, v = (jax.random.normal(kk, (1, t, hkv, d), jnp.float32) for kk in key[1:3])
         f_dense, f_attn, f_sel = flops(t, hq, d, cfg)
-        row = dict(
-            T=t,
-            flop_limit=f_dense / (f_attn + f_sel),
-            dense_gflop=f_dense / 1e9,
-            sparse_gflop=(f_attn + f_sel) / 1e9,
-            selection_gflop=f_sel / 1e9,
-        )
-        for name, fn in (("sparse", sparse_fn), ("selection", select_fn), ("dense", dense_fn)):
-            if name == "dense" and args.dense_max_len and t > args.dense_max_len:
-                ref = _dense_reference(args.dense_from, t)
-                row["dense_fwd_s"] = ref["dense_fwd_s"] * (t / ref["T"]) ** 2
-                row["dense_extrapolated_from"] = dict(file=args.dense_from, T=ref["T"])
-                row["dense_fwd_compile_s"] = row["dense_fwd_peak_bytes"] = None
-                print(
-                    f"  T={t} dense fwd NOT RUN: {row['dense_fwd_s']:.1f}s extrapolated (T^2) from "
-                    f"T={ref['T']} in {args.dense_from}",
-                    flush=True,
-                )
-                continue
-            s, c, peak = timed(fn, (q, k, v), args.repeats)
-            row[f"{name}_fwd_s"], row[f"{name}_fwd_compile_s"], row[f"{name}_fwd_peak_bytes"] = s, c, peak
-            print(f"  T={t} {name} fwd {s:.3f}s (compile {c:.1f}s, peak {peak and peak / 2**20:.0f} MiB)", flush=True)
+        row = {"T": t, "flop_limit": f_dense / (f_attn + f_sel), "dense_gflop": f_dense / 1e9}
+        row |= {"sparse_gflop": (f_attn + f_sel) / 1e9, "selection_gflop": f_sel / 1e9}
+        cases = dict(fwd)
+        if 2 * hq * t * t * 4 <= args.max_gib * 2**30:  # scores + probabilities
+            cases["dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        measure(cases, (q, k, v), args.repeats, row, "fwd")
         if t in args.bwd_lengths:
-            for name, fn in (("sparse", sparse_fn), ("dense", dense_fn)):
-                s, c, peak = timed(with_grad(fn), (q, k, v), args.repeats)
-                row[f"{name}_fwdbwd_s"], row[f"{name}_fwdbwd_peak_bytes"] = s, peak
-                print(f"  T={t} {name} fwd+bwd {s:.3f}s (compile {c:.1f}s)", flush=True)
-        row["speedup_fwd"] = row["dense_fwd_s"] / row["sparse_fwd_s"]
-        row["selection_share"] = row["selection_fwd_s"] / row["sparse_fwd_s"]
-        if "sparse_fwdbwd_s" in row:
+            w = jax.random.normal(key[3], q.shape, jnp.float32)
+            grads = {"dense": with_grad(dense_causal_attention), "sparse": with_grad(fwd["sparse"])}
+            measure(grads, (q, k, v, w), args.repeats, row, "fwdbwd")
             row["speedup_fwdbwd"] = row["dense_fwdbwd_s"] / row["sparse_fwdbwd_s"]
+        row["speedup_fwd"] = row["baseline_fwd_s"] / row["sparse_fwd_s"]
+        row["dense_vs_baseline"] = row["baseline_fwd_s"] / row["dense_fwd_s"]
+        row["selection_share"] = row["selection_fwd_s"] / row["sparse_fwd_s"]
+        pct = lambda gflop, s: 100 * gflop / s / roofline
+        row["roofline_pct"] = {
+            "baseline": pct(row["dense_gflop"], row["baseline_fwd_s"]),
+            "dense": pct(row["dense_gflop"], row["dense_fwd_s"]),
+            "sparse": pct(row["sparse_gflop"], row["sparse_fwd_s"]),
+        }
         rows.append(row)
     return rows
 
 
-def table(rows):
-    mib = lambda x: "-" if x is None else f"{x / 2**20:.0f}"
+def table(rows, roofline):
+    sec = lambda r, n: f"{r[n]:.2f}" if n in r else "-"
     lines = [
-        "| T | dense fwd (s) | sparse fwd (s) | speedup | FLOP limit | % of limit | selection share "
-        "| fwd+bwd speedup | peak MiB dense / sparse |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"roofline (fp32 matmul, measured in this run): {roofline:.0f} GFLOP/s",
+        "",
+        (
+            "| T | baseline fwd (s) | dot_product_attention | ours dense | ours sparse | selection share "
+            "| sparse vs baseline | FLOP limit | % roofline baseline / dense / sparse | dense vs baseline "
+            "| fwd+bwd dense / sparse (s) | fwd+bwd speedup |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        p = r["roofline_pct"]
         fb = f"{r['speedup_fwdbwd']:.2f}x" if "speedup_fwdbwd" in r else "-"
-        star = "*" if "dense_extrapolated_from" in r else ""
         lines.append(
-            f"| {r['T']} | {r['dense_fwd_s']:.2f}{star} | {r['sparse_fwd_s']:.2f} | "
-            f"{r['speedup_fwd']:.2f}x{star} | {r['flop_limit']:.2f}x | "
-            f"{100 * r['speedup_fwd'] / r['flop_limit']:.0f}% | {100 * r['selection_share']:.0f}% | "
-            f"{fb} | {mib(r['dense_fwd_peak_bytes'])} / {mib(r['sparse_fwd_peak_bytes'])} |"
-        )
-    if any("dense_extrapolated_from" in r for r in rows):
-        lines.append(
-            "\n\\* dense not run at this length: time extrapolated as T^2 from the longest measured "
-            "dense run (see JSON)"
+            f"| {r['T']} | {r['baseline_fwd_s']:.2f} | {sec(r, 'dot_product_attention_fwd_s')} | "
+            f"{r['dense_fwd_s']:.2f} | {r['sparse_fwd_s']:.2f} | {100 * r['selection_share']:.0f}% | "
+            f"{r['speedup_fwd']:.2f}x | {r['flop_limit']:.2f}x | {p['baseline']:.0f}% / {p['dense']:.0f}% / "
+            f"{p['sparse']:.0f}% | {r['dense_vs_baseline']:.2f}x | {sec(r, 'dense_fwdbwd_s')} / "
+            f"{sec(r, 'sparse_fwdbwd_s')} | {fb} |"
         )
     return "\n".join(lines)
 
 
 def targets(rows):
-    by_t = {r["T"]: r for r in rows}
+    by = {r["T"]: r for r in rows}
     out = {}
-    if 32768 in by_t:
-        out["speedup_32k>=1.8"] = by_t[32768]["speedup_fwd"] >= 1.8
-        out["speedup_32k>=80%_of_limit"] = by_t[32768]["speedup_fwd"] >= 0.8 * by_t[32768]["flop_limit"]
-    if 65536 in by_t:
-        r = by_t[65536]
-        measured = "dense_extrapolated_from" not in r  # an extrapolated baseline proves nothing
-        out["speedup_64k>=3"] = r["speedup_fwd"] >= 3.0 if measured else None
-        out["speedup_64k>=80%_of_limit"] = r["speedup_fwd"] >= 0.8 * r["flop_limit"] if measured else None
-        out["selection_share_64k<=35%"] = r["selection_share"] <= 0.35
-    if len(rows) >= 2:  # sub-quadratic: peak grows slower than T^2 between the two longest runs
-        a, b = rows[-2], rows[-1]
-        if a["sparse_fwd_peak_bytes"] and b["sparse_fwd_peak_bytes"]:
-            out["sparse_peak_subquadratic"] = (
-                b["sparse_fwd_peak_bytes"] / a["sparse_fwd_peak_bytes"] < 0.75 * (b["T"] / a["T"]) ** 2
-            )
+    for t, need in ((8192, 0.9), (16384, 1.2), (32768, 2.1)):
+        if t in by:
+            out[f"sparse vs baseline at {t // 1024}K >= {need}"] = by[t]["speedup_fwd"]
+            out[f"dense vs baseline at {t // 1024}K >= 1.0"] = by[t]["dense_vs_baseline"]
+    if 32768 in by:
+        out["selection share at 32K <= 0.25"] = by[32768]["selection_share"]
+    if "speedup_fwdbwd" in by.get(16384, {}):
+        out["fwd+bwd speedup at 16K >= 1.5"] = by[16384]["speedup_fwdbwd"]
+    if 32768 in by and 65536 in by:
+        a, b = by[32768], by[65536]
+        out["sparse t(64K)/t(32K)"] = b["sparse_fwd_s"] / a["sparse_fwd_s"]
+        out["sparse FLOP(64K)/FLOP(32K)"] = b["sparse_gflop"] / a["sparse_gflop"]
+        out["sparse t ratio / FLOP ratio <= 2.5"] = out["sparse t(64K)/t(32K)"] / out["sparse FLOP(64K)/FLOP(32K)"]
     return out
 
 
@@ -179,44 +172,35 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--implementation", default="xla")
-    p.add_argument("--interpret", action="store_true")
-    p.add_argument(
-        "--dense-max-len",
-        type=int,
-        default=0,
-        help="do not run dense above this T; extrapolate it (T^2) from --dense-from",
-    )
-    p.add_argument(
-        "--dense-from",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "infllm_v2_cpu.json"),
-    )
-    p.add_argument(
-        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "infllm_v2_cpu.json")
-    )
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-gib", type=float, default=6.0, help="run dot_product_attention only below this")
+    p.add_argument("--out", default=os.path.join(RESULTS, "infllm_v2_cpu.json"))
     args = p.parse_args(argv)
-    print(f"backend={jax.default_backend()} devices={jax.devices()}", flush=True)
     t0 = time.perf_counter()
-    rows = run(args)
-    result = dict(
-        backend=jax.default_backend(),
-        device=str(jax.devices()[0]),
-        machine=platform.machine(),
-        cpus=os.cpu_count(),
-        jax=jax.__version__,
-        args=vars(args),
-        rows=rows,
-        targets=targets(rows),
-        total_s=time.perf_counter() - t0,
-    )
-    print(table(rows))
-    print("targets:", result["targets"])
+    roofline = matmul_gflops()
+    rows = run(args, roofline)
+    roof_end = matmul_gflops()
+    result = {
+        "machine": {
+            "processor": platform.machine(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "args": vars(args),
+        "roofline_gflops": {"start": roofline, "end": roof_end},
+        "rows": rows,
+        "targets": targets(rows),
+        "total_s": time.perf_counter() - t0,
+    }
+    print(table(rows, roofline))
+    print(f"(roofline at the end of the run: {roof_end:.0f} GFLOP/s)")
+    for name, value in result["targets"].items():
+        print(f"- {name}: {value:.2f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
+    with open(args.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out} ({result['total_s']:.0f} s)")
 
 

@@ -1,173 +1,192 @@
-"""CPU benchmark: chunked Lightning attention (``xla``) vs ``recurrent`` vs dense causal softmax.
+"""CPU benchmark: chunked Lightning attention (``xla``) vs a chunked pure-PyTorch simple-GLA.
 
-B=1, H=4, D=64, fp32, T in {1K, 4K, 16K, 64K}: forward and forward+backward wall time (median of
-a few runs after an untimed first run; one sample when that run takes > 2 s) and XLA's compiled peak-memory estimate (arguments + outputs +
-temporaries from ``memory_analysis()``). Cases whose estimate exceeds ``--max-gib`` are not run
-and are reported as such. Prints a ratio table and writes JSON to benchmarks/results/.
+B=1, H=4, D=64, fp32, SALA decays. In one run: this machine's fp32 matmul GFLOP/s (the roofline),
+the PyTorch baseline (``baselines.torch_chunk_gla``, chunk 64; forward, and forward+backward with
+torch autograd; checked against our ``reference`` first) and ours, timed interleaved (median of
+``--repeats``). FLOPs count only causally needed products of the chunked form: per token and head
+``2·D·(C+1)`` intra-chunk plus ``4·D²`` for the state (read and update). Prints the table, writes
+JSON to benchmarks/results/.
 
-    python benchmarks/lightning.py [--lengths 1024 4096 16384 65536] [--out PATH]
+    python benchmarks/lightning.py                    # 4K, 16K (~2 min on 2 busy cores)
+    python benchmarks/lightning.py --long             # adds 64K (the scaling target)
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import os
 import platform
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import torch
 
+from benchmarks.baselines import matmul_gflops, to_torch, torch_chunk_gla
 from pallas_kernels.lightning import alibi_slopes, lightning_attention
 
-B, H, D = 1, 4, 64
+B, H, D, C = 1, 4, 64, 64
 
 
-def make_fns(name, log_decay, interpret=None):
-    if name == "dense":
-
-        def fwd(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    else:
-
-        def fwd(q, k, v):
-            return lightning_attention(
-                q, k, v, log_decay, implementation=name, interpret=interpret if name.startswith("pallas") else None
-            )
-
-    def fwd_bwd(q, k, v):
-        o, vjp = jax.vjp(fwd, q, k, v)
-        return vjp(o)
-
-    return {"fwd": jax.jit(fwd), "fwd+bwd": jax.jit(fwd_bwd)}
+def flops(t):
+    return B * H * t * (2 * D * (C + 1) + 4 * D * D)
 
 
-def peak_bytes(compiled):
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+def ours(log_decay):
+    fwd = lambda q, k, v: lightning_attention(q, k, v, log_decay, implementation="xla")
+    grad = jax.grad(lambda q, k, v, w: jnp.sum(w * fwd(q, k, v)), (0, 1, 2))
+    return jax.jit(fwd), jax.jit(grad)
 
 
-def measure(fn, args, max_bytes, repeats):
-    try:
-        compiled = fn.lower(*args).compile()
-    except ValueError as e:  # e.g. an implementation that rejects this dtype
-        return {"status": f"not run: {str(e)[:160]}"}
-    peak = peak_bytes(compiled)
-    if peak is not None and peak > max_bytes:
-        return {"status": f"not run: needs {peak / 2**30:.1f} GiB > limit", "peak_gib": peak / 2**30}
-    try:
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))  # first run (already compiled)
-        times = [time.perf_counter() - t0]
-        if times[0] < 2.0:  # slow cases: one sample is enough
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled(*args))
-                times.append(time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - report OOM / runtime failures in the table
-        return {"status": f"failed: {type(e).__name__}: {str(e)[:120]}"}
-    return {"status": "ok", "seconds": statistics.median(times), "peak_gib": None if peak is None else peak / 2**30}
+def torch_fwd_bwd(q, k, v, log_decay, w):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    (torch_chunk_gla(q, k, v, log_decay) * w).sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+def interleaved(fns, repeats):
+    """{name: median seconds}; one warm-up call each, then the fns take turns."""
+    for f in fns.values():
+        f()
+    times = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(x) for n, x in times.items()}
+
+
+def pick_torch_threads(log_decay, t=4096):
+    """The faster of 1 and all threads for the baseline (on a busy machine 1 thread can win by 3x)."""
+    x = torch.randn(B, t, H, D)
+    times = {}
+    for n in sorted({1, os.cpu_count()}):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            times[n] = interleaved({"f": lambda: torch_chunk_gla(x, x, x, to_torch(log_decay))}, 3)["f"]
+    torch.set_num_threads(min(times, key=times.get))
+    return times
+
+
+def parity(log_decay, t=2048):
+    """max |torch - reference| / max |reference| at a short length."""
+    q, k, v = (jax.random.normal(kk, (B, t, H, D), jnp.float32) for kk in jax.random.split(jax.random.key(0), 3))
+    ref = np.asarray(lightning_attention(q, k, v, log_decay, implementation="reference"))
+    got = torch_chunk_gla(*map(to_torch, (q, k, v)), to_torch(log_decay)).numpy()
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def cases(fwd, grad, inputs, tl):
+    """The four timed callables of one length: ours and PyTorch, forward and forward+backward."""
+    q, k, v, w = inputs
+    tq, tk, tv, tw = map(to_torch, inputs)
+    return {
+        "ours_fwd": lambda: jax.block_until_ready(fwd(q, k, v)),
+        "torch_fwd": lambda: torch_chunk_gla(tq, tk, tv, tl),
+        "ours_fwdbwd": lambda: jax.block_until_ready(grad(q, k, v, w)),
+        "torch_fwdbwd": lambda: torch_fwd_bwd(tq, tk, tv, tl, tw),
+    }
+
+
+def run(args):
+    log_decay = -jnp.asarray(alibi_slopes(32)[::8])  # 4 of SALA's slopes, fast to slow
+    tl = to_torch(log_decay)
+    fwd, grad = ours(log_decay)
+    rows = []
+    for t in args.lengths:
+        inputs = tuple(
+            jax.random.normal(kk, (B, t, H, D), jnp.float32) for kk in jax.random.split(jax.random.key(t), 4)
+        )
+        fns = cases(fwd, grad, inputs, tl)
+        with torch.no_grad():
+            fwd_only = interleaved({n: f for n, f in fns.items() if n.endswith("_fwd")}, args.repeats)
+        row = dict(T=t, gflop_fwd=flops(t) / 1e9, **fwd_only)
+        row |= interleaved({n: f for n, f in fns.items() if n.endswith("fwdbwd")}, args.repeats)
+        row["ratio_fwd"] = row["torch_fwd"] / row["ours_fwd"]
+        row["ratio_fwdbwd"] = row["torch_fwdbwd"] / row["ours_fwdbwd"]
+        row["roofline_pct_fwd"] = 100 * flops(t) / row["ours_fwd"] / (args.roofline * 1e9)
+        row["torch_roofline_pct_fwd"] = 100 * flops(t) / row["torch_fwd"] / (args.roofline * 1e9)
+        rows.append(row)
+        print({n: round(x, 4) if isinstance(x, float) else x for n, x in row.items()}, flush=True)
+    return rows
+
+
+def targets(rows):
+    by = {r["T"]: r for r in rows}
+    out = {}
+    for t in (16384, 65536):
+        if t in by:
+            out[f"fwd ratio at {t // 1024}K >= 2"] = by[t]["ratio_fwd"]
+            out[f"fwd % of roofline at {t // 1024}K >= 45"] = by[t]["roofline_pct_fwd"]
+            out[f"fwd+bwd ratio at {t // 1024}K >= 5"] = by[t]["ratio_fwdbwd"]
+    if 16384 in by and 65536 in by:
+        for mode in ("fwd", "fwdbwd"):
+            out[f"ours {mode}: t(64K)/t(16K) <= 4.5"] = by[65536][f"ours_{mode}"] / by[16384][f"ours_{mode}"]
+    return out
+
+
+def table(rows, roofline):
+    lines = [
+        f"roofline (fp32 matmul, measured in this run): {roofline:.0f} GFLOP/s",
+        "",
+        "| T | ours fwd | PyTorch fwd | ratio | % roofline ours / PyTorch | ours fwd+bwd | PyTorch fwd+bwd | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['T']} | {1e3 * r['ours_fwd']:.1f} ms | {1e3 * r['torch_fwd']:.1f} ms | {r['ratio_fwd']:.2f}x | "
+            f"{r['roofline_pct_fwd']:.0f}% / {r['torch_roofline_pct_fwd']:.0f}% | {1e3 * r['ours_fwdbwd']:.1f} ms | "
+            f"{1e3 * r['torch_fwdbwd']:.1f} ms | {r['ratio_fwdbwd']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    p.add_argument("--impls", nargs="+", default=["xla", "recurrent", "dense"])
-    p.add_argument("--max-gib", type=float, default=6.0, help="skip cases estimated above this")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--long", action="store_true", help="also run T=65536")
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lightning_cpu.json"))
     args = p.parse_args()
-    log_decay = -jnp.asarray(alibi_slopes(32)[::8])  # 4 of SALA's slopes, fast to slow
-    rows = []
-    for t in args.lengths:
-        keys = jax.random.split(jax.random.PRNGKey(t), 3)
-        qkv = [jax.random.normal(kk, (B, t, H, D), jnp.float32) for kk in keys]
-        for name in args.impls:
-            for mode, fn in make_fns(name, log_decay).items():
-                r = measure(fn, qkv, args.max_gib * 2**30, args.repeats)
-                rows.append({"T": t, "impl": name, "mode": mode, **r})
-                print(
-                    f"T={t:6d} {name:9s} {mode:8s} {r.get('seconds', float('nan')):9.4f}s "
-                    f"peak={r.get('peak_gib') or float('nan'):7.3f} GiB  {r['status']}",
-                    flush=True,
-                )
-    report = summarize(rows, args.lengths)
-    print(report["table"])
+    if args.long:
+        args.lengths = sorted(set(args.lengths) | {65536})
+    log_decay = -jnp.asarray(alibi_slopes(32)[::8])
+    threads = pick_torch_threads(log_decay)
+    print(f"PyTorch threads: {torch.get_num_threads()} (fwd at T=4096 by threads: {threads})", flush=True)
+    err = parity(log_decay)
+    print(f"PyTorch baseline vs our reference (T=2048): max rel err {err:.1e}", flush=True)
+    args.roofline = matmul_gflops()
+    rows = run(args)
+    roof_end = matmul_gflops()
+    result = {
+        "config": {"B": B, "H": H, "D": D, "chunk": C, "dtype": "float32", "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "roofline_gflops": {"start": args.roofline, "end": roof_end},
+        "baseline_parity_rel_err": err,
+        "rows": rows,
+        "targets": targets(rows),
+    }
+    print(table(rows, args.roofline))
+    print(f"(roofline at the end of the run: {roof_end:.0f} GFLOP/s)")
+    for name, value in result["targets"].items():
+        print(f"- {name}: {value:.2f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "config": {
-                    "B": B,
-                    "H": H,
-                    "D": D,
-                    "dtype": "float32",
-                    "backend": jax.default_backend(),
-                    "machine": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(),
-                    "jax": jax.__version__,
-                },
-                "rows": rows,
-                "ratios": report["ratios"],
-                "targets": report["targets"],
-            },
-            f,
-            indent=1,
-        )
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
-
-
-def summarize(rows, lengths):
-    """Markdown table (time, peak memory, ratios vs ``xla``) and the issue's targets."""
-    by = {(r["T"], r["impl"], r["mode"]): r for r in rows}
-    sec = {k: r.get("seconds") for k, r in by.items()}
-    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
-
-    def cell(t, impl, mode):
-        r = by.get((t, impl, mode))
-        if r is None:
-            return "–"
-        if "seconds" not in r:
-            return r["status"].replace(" > limit", "") + (" (est.)" if "peak_gib" in r else "")
-        return f"{r['seconds']:.4f} s / {r['peak_gib']:.3f} GiB"
-
-    ratios = []
-    lines = [
-        "| T | mode | xla (time / peak) | recurrent | dense | recurrent/xla | dense/xla |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for t in lengths:
-        for mode in ("fwd", "fwd+bwd"):
-            x, rec, den = (sec.get((t, i, mode)) for i in ("xla", "recurrent", "dense"))
-            r = {
-                "T": t,
-                "mode": mode,
-                "xla_s": x,
-                "recurrent_over_xla": rec / x if rec and x else None,
-                "dense_over_xla": den / x if den and x else None,
-            }
-            ratios.append(r)
-            lines.append(
-                f"| {t} | {mode} | {cell(t, 'xla', mode)} | {cell(t, 'recurrent', mode)} | "
-                f"{cell(t, 'dense', mode)} | {fmt(r['recurrent_over_xla'])} | "
-                f"{fmt(r['dense_over_xla'])} |"
-            )
-    targets = {}
-    for mode in ("fwd", "fwd+bwd"):
-        a, b = sec.get((65536, "xla", mode)), sec.get((16384, "xla", mode))
-        targets[f"xla {mode}: t(64K)/t(16K) <= 4.5"] = a / b if a and b else None
-    for r in ratios:
-        if r["T"] == 16384:
-            targets[f"recurrent/xla {r['mode']} at 16K >= 10"] = r["recurrent_over_xla"]
-        if r["T"] >= 4096:
-            need = ">= 10" if r["T"] == 65536 else "> 1"
-            targets[f"dense/xla {r['mode']} at {r['T']} {need}"] = r["dense_over_xla"]
-    lines.append("")
-    lines += [f"- {k}: {fmt(v)}" for k, v in targets.items()]
-    return {"table": "\n".join(lines), "ratios": ratios, "targets": targets}
 
 
 if __name__ == "__main__":
