@@ -89,6 +89,19 @@ def preempted(step: int) -> bool:
     return multiprocess() and multihost_utils.reached_preemption_sync_point(step)
 
 
+def check_rows(mesh) -> None:
+    """``ValueError`` unless every ``data x fsdp`` row group of ``mesh`` (its ``tensor x sequence``
+    devices) lies in one process: each process feeds its own rows, so no two may share a group."""
+    groups = np.asarray(mesh.devices).reshape(mesh.shape["data"] * mesh.shape["fsdp"], -1)
+    split = [i for i, group in enumerate(groups) if len({d.process_index for d in group}) > 1]
+    if split:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: {len(split)} data x fsdp row group(s) span several processes; each "
+            f"process feeds its own rows, so tensor x sequence ({groups.shape[1]} devices) must fit in one "
+            "process's devices (move the parallelism across hosts to mesh.data or mesh.fsdp)"
+        )
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of ``x`` on this host; an array spread over several hosts is gathered (a
     collective: every process calls it, in the same order)."""

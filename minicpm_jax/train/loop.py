@@ -144,6 +144,7 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
         logger = MetricsLogger(out, enabled=distributed.is_main())
         mesh = make_mesh(cfg.mesh, devices)
         check_batch(mesh, tc.global_batch_size, tc.micro_batches, cfg.data.seq_len)
+        distributed.check_rows(mesh)
         dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         if model is None and tc.init_from:
             model_cfg, model = load_any(tc.init_from, mesh=mesh, **dtypes)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -144,3 +145,16 @@ def test_initialize_refuses_incomplete_or_out_of_range_arguments():
     with pytest.raises(ValueError, match="--process-id 2: must be in 0..1"):
         distributed.initialize("127.0.0.1:1234", 2, 2)
     assert not distributed.multiprocess() and distributed.is_main()
+
+
+def test_row_groups_must_not_span_processes():
+    devices = np.array([SimpleNamespace(process_index=i // 4) for i in range(8)])
+    mesh = SimpleNamespace(
+        devices=devices.reshape(2, 2, 2, 1), shape={"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+    )
+    distributed.check_rows(mesh)  # tensor pairs inside a process
+    mesh = SimpleNamespace(
+        devices=devices.reshape(1, 1, 8, 1), shape={"data": 1, "fsdp": 1, "tensor": 8, "sequence": 1}
+    )
+    with pytest.raises(ValueError, match=r"1 data x fsdp row group\(s\) span several processes.*8 devices"):
+        distributed.check_rows(mesh)
