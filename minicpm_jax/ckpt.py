@@ -7,7 +7,6 @@ Restoring places every parameter directly onto its sharding for the given mesh.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -21,16 +20,13 @@ from safetensors import SafetensorError, safe_open
 from minicpm_jax import distributed
 from minicpm_jax.config.loading import build_model_config, load_config
 from minicpm_jax.config.schema import ModelConfig
+from minicpm_jax.data.tokenizer import save_tokenizer
 from minicpm_jax.interop import load_hf_checkpoint
 from minicpm_jax.interop.files import atomic_directory
-from minicpm_jax.interop.save import TOKENIZER_FILES, TOKENIZER_MAIN_FILES, copy_tokenizer
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.model.factory import abstract_model, create_model, state_shardings
 
 CONFIG_NAME = "model.yaml"
-
-
-BYTE_TOKENIZER = "byte"
 
 
 def save_model(
@@ -53,27 +49,6 @@ def save_model(
             if tokenizer_source is not None:
                 save_tokenizer(tokenizer_source, tmp)
     return directory
-
-
-def save_tokenizer(source: str | Path, directory: Path) -> None:
-    """Copy the tokenizer of ``source`` (see ``save_model``) into ``directory`` with a generation config."""
-    from minicpm_jax.generate.text import load_tokenizer, write_byte_tokenizer_marker
-
-    if str(source) == BYTE_TOKENIZER:
-        write_byte_tokenizer_marker(directory)
-    elif Path(source).is_file():  # a tokenizer.json under any name; its config files beside it come along
-        for name in TOKENIZER_FILES:
-            if name not in TOKENIZER_MAIN_FILES and (Path(source).parent / name).is_file():
-                shutil.copy2(Path(source).parent / name, directory / name)
-        shutil.copy2(source, directory / "tokenizer.json")
-    elif Path(source).is_dir():
-        copy_tokenizer(source, directory)
-    else:
-        raise FileNotFoundError(f"tokenizer_source: no such file or directory {source} (or use {BYTE_TOKENIZER!r})")
-    if not (directory / "generation_config.json").is_file():
-        tok = load_tokenizer(directory)
-        gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def is_native_checkpoint(directory: str | Path) -> bool:

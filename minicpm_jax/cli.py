@@ -150,7 +150,7 @@ def _print_plan_rows(what: str, rows) -> None:
 
 def cmd_import_hf(args) -> None:
     from minicpm_jax.ckpt import load_hf, save_model
-    from minicpm_jax.interop.save import has_tokenizer
+    from minicpm_jax.data.tokenizer import has_tokenizer
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
@@ -170,7 +170,7 @@ def cmd_import_hf(args) -> None:
 def cmd_export_hf(args) -> None:
     from minicpm_jax.ckpt import load_any
     from minicpm_jax.interop import save_hf_checkpoint
-    from minicpm_jax.interop.save import has_tokenizer
+    from minicpm_jax.data.tokenizer import has_tokenizer
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)
@@ -270,7 +270,7 @@ def cmd_generate(args) -> None:
     from minicpm_jax.ckpt import load_any
     from minicpm_jax.data.tokenizer import check_vocab
     from minicpm_jax.generate.requests import build_requests, generation_defaults, read_jsonl, run_requests
-    from minicpm_jax.generate.text import load_tokenizer
+    from minicpm_jax.data.tokenizer import load_tokenizer
     from minicpm_jax.sharding import make_mesh
 
     cfg = _run_config(args.overrides)

@@ -11,7 +11,6 @@ from minicpm_jax.data.pipeline import make_eval_batches, make_train_iterator, tr
 from minicpm_jax.data.synthetic import SyntheticSource
 from minicpm_jax.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
-build_tokenizer = load_tokenizer  # the old name, still imported by minicpm_jax/train/loop.py
 
 __all__ = [
     "Batch",
@@ -20,7 +19,6 @@ __all__ = [
     "SentencePieceTokenizer",
     "SyntheticSource",
     "Tokenizer",
-    "build_tokenizer",
     "load_tokenizer",
     "make_eval_batches",
     "make_train_iterator",

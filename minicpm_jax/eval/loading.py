@@ -25,11 +25,6 @@ def tokenizer_of(source: str | Path):
     return load_tokenizer(source if Path(source).is_dir() else None)
 
 
-def data_tokenizer(source: str | None):
-    """The tokenizer of a run's ``data.tokenizer`` (a tokenizer file or directory; None: byte-level)."""
-    return load_tokenizer(source)
-
-
 def load_model_and_tokenizer(
     source: str | Path,
     *,

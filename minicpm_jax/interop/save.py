@@ -17,13 +17,7 @@ from safetensors.numpy import save_file
 
 from minicpm_jax import distributed
 from minicpm_jax.config.schema import ModelConfig
-from minicpm_jax.data.tokenizer import (  # noqa: F401 (TOKENIZER_*, copy_tokenizer, has_tokenizer: for ckpt, cli)
-    TOKENIZER_FILES,
-    TOKENIZER_MAIN_FILES,
-    copy_tokenizer,
-    has_tokenizer,
-    save_tokenizer,
-)
+from minicpm_jax.data.tokenizer import save_tokenizer
 from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, is_hf_checkpoint, plan_shards, write_json
 from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf

@@ -40,9 +40,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from minicpm_jax import distributed
-from minicpm_jax.ckpt import BYTE_TOKENIZER, load_any, save_model
+from minicpm_jax.ckpt import load_any, save_model
 from minicpm_jax.config.schema import Config
-from minicpm_jax.data import build_tokenizer, make_eval_batches, make_train_iterator
+from minicpm_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
+from minicpm_jax.data.tokenizer import BYTE_TOKENIZER
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train.checkpoint import ResumeError, TrainCheckpointer
@@ -158,7 +159,7 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
             )
         if frozen is None:
             frozen = load_frozen(tc.frozen, mesh=mesh, dtype=dtypes["dtype"])
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
         data_kw = dict(
             tokenizer=tokenizer,
             vocab_size=cfg.model.vocab_size,
@@ -328,12 +329,11 @@ def _evaluations(run: Run, step: int) -> dict[str, float]:
     results = evaluate(run.trainer, run.eval_batches) if run.eval_batches else {}
     if run.cfg.train.eval_tasks:
         from minicpm_jax.eval import evaluate as evaluate_tasks
-        from minicpm_jax.eval.loading import data_tokenizer
 
         tasks = evaluate_tasks(
             run.trainer.model(),
             run.cfg.train.eval_tasks,
-            tokenizer=data_tokenizer(run.cfg.data.tokenizer),
+            tokenizer=load_tokenizer(run.cfg.data.tokenizer),
             seed=run.cfg.seed,
             output_dir=run.out / "eval" / f"step-{step}",
         )

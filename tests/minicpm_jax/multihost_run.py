@@ -23,10 +23,10 @@ class ShardedSource:
     """The batches of ``shards`` processes, concatenated row-wise as they are laid out on the mesh."""
 
     def __init__(self, cfg, shards: int):
-        from minicpm_jax.data import build_tokenizer, make_train_iterator
+        from minicpm_jax.data import load_tokenizer, make_train_iterator
 
         kw = {
-            "tokenizer": build_tokenizer(cfg.data.tokenizer),
+            "tokenizer": load_tokenizer(cfg.data.tokenizer),
             "vocab_size": cfg.model.vocab_size,
             "max_position_embeddings": cfg.model.max_position_embeddings,
             "global_batch_size": cfg.train.global_batch_size,
