@@ -39,7 +39,7 @@ from minicpm_jax.ckpt import load_any
 from minicpm_jax.config.loading import build_config
 from minicpm_jax.convert import alignment_loss, kl_loss, load_convert_recipe, run_conversion, transfer
 from minicpm_jax.convert.pipeline import lightning_patterns
-from minicpm_jax.convert.recipe import stage_config
+from minicpm_jax.convert.recipe import stage_config, stage_tokens
 from minicpm_jax.convert.select import candidate_layers
 from minicpm_jax.convert.transfer import LIGHTNING, SOFTMAX
 from minicpm_jax.data.tokenizer import load_tokenizer
@@ -104,15 +104,6 @@ def throughput(recipe, teacher, mixer_types, steps: int) -> list[dict]:
     for row in rows:
         row["vs_lm"] = row["tokens_per_s"] / rows[-1]["tokens_per_s"]
     return rows
-
-
-def stage_tokens(recipe) -> int:
-    """Training tokens of all stages of ``recipe``."""
-    total = 0
-    for s in recipe.stages:
-        train, data = {**recipe.train, **s.train}, {**recipe.data, **s.data}
-        total += train["steps"] * train["global_batch_size"] * data["seq_len"]
-    return total
 
 
 def convert(args, name: str, overrides=(), console=None) -> tuple[dict, object]:

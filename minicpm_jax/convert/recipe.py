@@ -152,3 +152,12 @@ def stage_config(
         return build_config(raw)
     except ConfigError as e:
         raise ConfigError([f"stages.{stage.name}: {line}" for line in e.errors]) from None
+
+
+def stage_tokens(recipe: ConvertRecipe) -> int:
+    """Training tokens of all stages of ``recipe`` (steps x global batch x seq_len)."""
+    total = 0
+    for s in recipe.stages:
+        train, data = {**recipe.train, **s.train}, {**recipe.data, **s.data}
+        total += train["steps"] * train["global_batch_size"] * data["seq_len"]
+    return total
