@@ -95,9 +95,9 @@ def torch_chunk_gla(q, k, v, log_decay, chunk=64):
     lam = torch.exp(g[..., 0, 0] * c)[None, :, None, None]
     s = torch.zeros_like(u[:, :, 0])
     states = []
-    for j in range(n):
+    for uj in u.unbind(2):  # unbind, not u[:, :, j]: its backward is one stack, not N full-size zeros
         states.append(s)
-        s = lam * s + u[:, :, j]
+        s = lam * s + uj
     o = o + (qc * qdec) @ torch.stack(states, 2)
     return o.permute(0, 2, 3, 1, 4).reshape(b, t, h, -1)
 
