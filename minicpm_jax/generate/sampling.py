@@ -139,7 +139,8 @@ def _top_p_threshold(desc: jax.Array, log_z: jax.Array, top_p: jax.Array) -> tup
     smallest prefix whose mass reaches ``top_p``. ``top_p >= 1`` keeps everything.
     """
     probs = jnp.exp(desc - log_z)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cum = jnp.cumsum(probs, axis=-1)
+    mass_before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
     n_keep = jnp.sum(mass_before < top_p[:, None], axis=-1)  # >= 1: the first token has 0 mass before it
     last = _row_value(desc, jnp.maximum(n_keep - 1, 0))
     off = top_p >= 1.0
