@@ -120,6 +120,7 @@ def _conversion(r: dict) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in c["stage_steps"].items())
         + f" steps = {c['tokens']:,} tokens. Held-out loss: teacher {teacher['loss']:.4f}, converted "
         f"{hybrid['loss']:.4f} ({hybrid['loss'] / teacher['loss'] - 1:+.1%}), all-Lightning conversion "
+        f"(softmax only at {[i for i, k in enumerate(c['all_lightning_mixer_types']) if k == 'minicpm4']}) "
         f"{lightning['loss']:.4f}, same hybrid from scratch on the same {c['tokens']:,} tokens "
         f"({c['scratch_steps']} steps) {scratch['loss']:.4f}: the conversion {beats} training from scratch. "
         f"MQAR accuracy: teacher {teacher['mqar']:.2f}, hybrid {hybrid['mqar']:.2f}, all-Lightning "
