@@ -43,12 +43,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from baselines import matmul_gflops
 from flax import nnx
 from hybrid import median_seconds
 from infllm_v2 import flops as infllm_flops
 from infllm_v2 import targets as infllm_targets
 from infllm_v2 import with_grad
-from train import Spec, interleaved_medians, make_trainer, markdown, measured_matmul_flops, random_rows, timed_step
+from train import Spec, interleaved_medians, make_trainer, markdown, random_rows, timed_step
 
 from minicpm_jax.config import load_config
 from minicpm_jax.generate import generate
@@ -378,7 +379,7 @@ def main(argv=None):
     backend = jax.default_backend()
     smoke = args.cpu_smoke or backend == "cpu"
     s = settings(smoke, args.quick)
-    roofline = measured_matmul_flops("bfloat16", n=s["matmul_n"])
+    roofline = matmul_gflops(n=s["matmul_n"], dtype=jnp.bfloat16) * 1e9
     peak, peak_source = peak_flops_per_device(), "datasheet bf16 dense"
     if peak is None:
         peak, peak_source = roofline, "measured bf16 matmul (no datasheet peak for this device)"

@@ -33,9 +33,9 @@ def median_time(fn, *args, repeats=3):
     return statistics.median(times)
 
 
-def matmul_gflops(n=2048, repeats=5):
-    """fp32 GFLOP/s of one jitted ``[n,n] x [n,n]`` matmul (median of ``repeats``)."""
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), F32) for i in range(2))
+def matmul_gflops(n=2048, repeats=5, dtype=F32):
+    """GFLOP/s of one jitted ``[n,n] x [n,n]`` matmul in ``dtype`` (median of ``repeats``): the roofline."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
     f = jax.jit(lambda x, y: x @ y)
     return 2 * n**3 / median_time(f, a, b, repeats=repeats) / 1e9
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from baselines import matmul_gflops
 
 from minicpm_jax.config import MeshConfig, load_config
 from minicpm_jax.data.packing import batch_from_segments
@@ -61,19 +61,6 @@ PACKED = {
     "hybrid": ("tiny-sala", []),
 }
 ATTENTION_ONLY = ("model.layers.*.self_attn",)
-
-
-def measured_matmul_flops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a large ``n^3`` matmul on this device: the measured roofline (best of ``repeats``)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times)
 
 
 def random_rows(cfg, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -279,7 +266,7 @@ def main():
     parser.add_argument("--plan", default=None, help="also print the compiled-memory plan of this preset")
     parser.add_argument("--output", default="benchmarks/results/train.json")
     args = parser.parse_args()
-    roofline = measured_matmul_flops(args.dtype)
+    roofline = matmul_gflops(dtype=args.dtype) * 1e9
     peak, peak_source = peak_flops_per_device(), "datasheet bf16 peak"
     if peak is None:
         peak, peak_source = roofline, f"measured {args.dtype} 2048^3 matmul"
