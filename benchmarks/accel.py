@@ -43,9 +43,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from baselines import matmul_gflops
+from baselines import matmul_gflops, median_time
 from flax import nnx
-from hybrid import median_seconds
 from infllm_v2 import flops as infllm_flops
 from infllm_v2 import targets as infllm_targets
 from infllm_v2 import with_grad
@@ -121,7 +120,7 @@ class Bench:
 
     def seconds(self, fn, *args) -> tuple[str, float | None]:
         """Median seconds of ``fn(*args)`` after a warm-up call, guarded."""
-        return self.guard(lambda: median_seconds(fn, *args, repeats=self.repeats))
+        return self.guard(lambda: median_time(fn, *args, repeats=self.repeats))
 
     def add(self, kind, T, mode, impl, status, seconds, flops=None, **extra) -> dict:
         row = dict(kind=kind, T=T, mode=mode, impl=impl, status=status, seconds=seconds, **extra)

@@ -12,6 +12,8 @@ None of this is library code: the library must beat it.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -117,3 +119,16 @@ def to_torch(x):
     import torch
 
     return torch.from_numpy(np.array(x))
+
+
+def write_report(result: dict, out: str, text: str, roof_end: float) -> None:
+    """Print the table, the end-of-run roofline and the targets; write ``result`` as JSON to ``out`` atomically."""
+    print(text)
+    print(f"(roofline at the end of the run: {roof_end:.0f} GFLOP/s)")
+    for name, value in result["targets"].items():
+        print(f"- {name}: {value:.2f}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")

@@ -35,8 +35,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from baselines import median_time
 from flax import nnx
-from hybrid import median_seconds, model_configs
+from hybrid import model_configs
 
 from minicpm_jax.config import load_config
 from minicpm_jax.generate import generate
@@ -84,7 +85,7 @@ def decode_ms_per_token(cfg, batch: int, length: int, steps: int, repeats: int) 
 
         return jax.lax.fori_loop(0, steps, body, (jnp.zeros((batch,), jnp.int32), cache))[0]
 
-    return 1000 * median_seconds(run, state, cache, repeats=repeats) / steps
+    return 1000 * median_time(run, state, cache, repeats=repeats) / steps
 
 
 def hybrid_vs_dense(args) -> dict:

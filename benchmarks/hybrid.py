@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from baselines import median_time
 
 from minicpm_jax.config import load_config
 from minicpm_jax.model import create_model
@@ -51,18 +51,7 @@ def model_configs():
 def prefill_seconds(cfg, length: int, repeats: int) -> float:
     model = create_model(cfg, dtype=jnp.float32)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, length)), jnp.int32)
-    return median_seconds(jax.jit(lambda x: model.hidden_states(x)), ids, repeats=repeats)
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return median_time(jax.jit(lambda x: model.hidden_states(x)), ids, repeats=repeats)
 
 
 def dense_score_gib(cfg, length: int) -> float:

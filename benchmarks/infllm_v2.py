@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.baselines import blockwise_attention, matmul_gflops
+from benchmarks.baselines import blockwise_attention, matmul_gflops, write_report
 from pallas_kernels.infllm_v2 import InfLLMv2Config, dense_causal_attention, infllm_v2_attention, select_blocks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -196,15 +195,8 @@ def main(argv=None):
         "targets": targets(rows),
         "total_s": time.perf_counter() - t0,
     }
-    print(table(rows, roofline))
-    print(f"(roofline at the end of the run: {roof_end:.0f} GFLOP/s)")
-    for name, value in result["targets"].items():
-        print(f"- {name}: {value:.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out} ({result['total_s']:.0f} s)")
+    write_report(result, args.out, table(rows, roofline), roof_end)
+    print(f"({result['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":

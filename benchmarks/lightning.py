@@ -14,7 +14,6 @@ JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks.baselines import matmul_gflops, to_torch, torch_chunk_gla
+from benchmarks.baselines import matmul_gflops, to_torch, torch_chunk_gla, write_report
 from pallas_kernels.lightning import alibi_slopes, lightning_attention
 
 B, H, D, C = 1, 4, 64, 64
@@ -178,15 +177,7 @@ def main():
         "rows": rows,
         "targets": targets(rows),
     }
-    print(table(rows, args.roofline))
-    print(f"(roofline at the end of the run: {roof_end:.0f} GFLOP/s)")
-    for name, value in result["targets"].items():
-        print(f"- {name}: {value:.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out}")
+    write_report(result, args.out, table(rows, args.roofline), roof_end)
 
 
 if __name__ == "__main__":
