@@ -383,7 +383,8 @@ class FullDemo:
 
     def export(self) -> str:
         texts = [json.loads(line)["text"] for line in Path(HELD_OUT).read_text().splitlines()[:8]]
-        ids = jnp.asarray([self.tok.encode(" ".join(texts), add_bos=True)[:96]])
+        tokens = np.array([self.tok.encode(" ".join(texts), add_bos=True)[:96]], np.int32)  # writable, for torch
+        ids = jnp.asarray(tokens)
         diffs = {}
         for name, source in (("hybrid", self.hybrid), ("student", self.models["student after OPD (new capability)"])):
             cfg, model = load_any(source, dtype=F32, param_dtype=F32)
@@ -400,9 +401,7 @@ class FullDemo:
                 llama = save_hf_checkpoint(
                     model, cfg, self.out / "export" / "student-llama", format="llama", dtype="float32"
                 )
-                diffs["student: llama layout, PyTorch LlamaForCausalLM"] = _torch_diff(
-                    Path(llama), np.asarray(ids), mine
-                )
+                diffs["student: llama layout, PyTorch LlamaForCausalLM"] = _torch_diff(Path(llama), tokens, mine)
         self.report["export"] = {"max_abs_logit_diff": diffs, "tokens": int(ids.shape[1])}
         return "exported and reloaded: " + "; ".join(f"{k} max |logit diff| {v:.1e}" for k, v in diffs.items())
 
