@@ -48,16 +48,16 @@ def initialize(
         raise ValueError("--coordinator, --num-processes and --process-id must be given together")
     if jax.distributed.is_initialized():
         return False
-    if coordinator is not None or auto or _launched_by_cluster():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (GPU/TPU use their own)
-    if coordinator is not None:
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id}: must be in 0..{num_processes - 1} (--num-processes)")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif auto or _launched_by_cluster():
-        jax.distributed.initialize()
-    else:
+    if coordinator is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id}: must be in 0..{num_processes - 1} (--num-processes)")
+    if coordinator is None and not (auto or _launched_by_cluster()):
         return False
+    # Only once jax.distributed really starts: CPU processes need gloo collectives (GPU/TPU use their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator is not None:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
     return True
 
 

@@ -46,19 +46,6 @@ def _digest(*roots: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs of the same config compile once (JAX's persistent cache, this module only)."""
-    import jax
-
-    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Inputs shared by every case (never changed): a native and an HF checkpoint, a 4-step run, recipes."""
