@@ -2,6 +2,10 @@
 tokenizer the model was trained with (its files, or ``byte_tokenizer.json``) + ``generation_config.json``.
 
 Restoring places every parameter directly onto its sharding for the given mesh.
+
+Directories go through ``minicpm_jax.paths``: the orbax ``params/`` checkpoint supports local paths,
+``gs://`` and ``s3://`` (``paths.orbax_path`` refuses any other scheme before anything is written);
+Hugging Face directories also work on ``memory://``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from minicpm_jax.interop import load_hf_checkpoint
 from minicpm_jax.interop.files import atomic_directory
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.model.factory import abstract_model, create_model, state_shardings
+from minicpm_jax.paths import as_path, glob_files, local_copy, orbax_path
 
 CONFIG_NAME = "model.yaml"
 
@@ -39,10 +44,11 @@ def save_model(
     With a tokenizer, a ``generation_config.json`` naming its eos id is written unless one was copied.
     In a multi-host run every process calls this (each saves its shards); process 0 writes the other files.
     """
-    directory = Path(directory).resolve()
+    directory = as_path(directory)
+    orbax_path(directory)  # an unsupported scheme fails here, before any work
     with atomic_directory(directory, replaceable=is_native_checkpoint) as tmp:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.save(orbax_path(tmp / "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
         if distributed.is_main():
             (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -52,14 +58,15 @@ def save_model(
 
 
 def is_native_checkpoint(directory: str | Path) -> bool:
-    return (Path(directory) / CONFIG_NAME).is_file() and (Path(directory) / "params").is_dir()
+    directory = as_path(directory)
+    return (directory / CONFIG_NAME).is_file() and (directory / "params").is_dir()
 
 
 def load_model(
     directory: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32, **impls
 ) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """``(config, model)`` of a checkpoint written by ``save_model`` (``impls``: attention_impl / lightning_impl)."""
-    directory = Path(directory).resolve()
+    directory = as_path(directory)
     if not is_native_checkpoint(directory):
         raise FileNotFoundError(f"{directory}: not a minicpm_jax checkpoint (needs {CONFIG_NAME} and params/)")
     cfg = config_of(directory)
@@ -72,7 +79,7 @@ def load_model(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), shardings
     )
     try:
-        restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+        restored = ocp.StandardCheckpointer().restore(orbax_path(directory / "params"), target)
     except Exception as e:  # a damaged checkpoint: one clear error naming it
         raise ValueError(f"{directory / 'params'}: unreadable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
     nnx.replace_by_pure_dict(state, restored)
@@ -85,16 +92,16 @@ def load_hf(directory: str | Path, **kwargs) -> tuple[ModelConfig, MiniCPMForCau
         return load_hf_checkpoint(directory, **kwargs)
     except SafetensorError as e:
         error = e
-        for path in sorted(Path(directory).glob("*.safetensors")):
+        for path in glob_files(as_path(directory) / "*.safetensors"):
             try:
-                with safe_open(path, "numpy") as f:
+                with local_copy(path) as local, safe_open(local, "numpy") as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
                         f.get_slice(key)
             except SafetensorError as bad:
                 error = bad
                 break
         else:
-            path = Path(directory)
+            path = as_path(directory)
         raise ValueError(f"{path}: unreadable safetensors file ({error})") from None
 
 
@@ -104,7 +111,7 @@ def _first_line(e: BaseException) -> str:
 
 def config_of(source: str | Path) -> ModelConfig:
     """The model config of a native checkpoint, a Hugging Face directory or a preset, without weights."""
-    path = Path(source)
+    path = as_path(source)
     if is_native_checkpoint(path):
         return build_model_config(yaml.safe_load((path / CONFIG_NAME).read_text()), str(path / CONFIG_NAME))
     if (path / "config.json").is_file():
@@ -118,7 +125,7 @@ def load_any(
     source: str | Path, *, mesh: Mesh | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed: int = 0, **impls
 ) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """A model from a native checkpoint, a Hugging Face directory, or a preset (fresh initialisation)."""
-    path = Path(source)
+    path = as_path(source)
     if is_native_checkpoint(path):
         return load_model(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **impls)
     if (path / "config.json").is_file():

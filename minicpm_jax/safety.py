@@ -2,6 +2,9 @@
 recipe files (YAML with file:line, a non-empty mapping), output targets (never replaced without
 ``--overwrite``, never one holding the command's source or a training run), and writes that name
 their path in every ``OSError`` and leave no temp file.
+
+Output paths go through ``minicpm_jax.paths``, so the checks hold for ``gs://``, ``s3://`` and
+``memory://`` outputs too; there ``jsonl_output``'s final move is a copy then a delete (not atomic).
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ from pathlib import Path
 import yaml
 
 from minicpm_jax.config.loading import recipe_path
+from minicpm_jax.paths import as_path, replace
 
 
 @contextlib.contextmanager
-def jsonl_output(path: Path):
+def jsonl_output(path: str | Path):
     """A text file that becomes ``path`` when the block succeeds; on any error it is removed."""
+    path = as_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with writing(path), tmp.open("w", encoding="utf-8") as f:
             yield f
-        tmp.replace(path)
+        replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -53,13 +58,13 @@ def check_output(target, *, overwrite: bool, sources=()) -> None:
     """Refuse (``FileExistsError``) an existing non-empty output unless ``overwrite``; even then refuse
     one that contains a source of the command or a training run. (The writers also refuse to replace
     anything but an earlier output of their own kind.)"""
-    target = Path(target).resolve()
+    target = as_path(target)
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
     if not overwrite:
         raise FileExistsError(f"{target} already exists and is not empty; give --overwrite to replace it")
     for source in sources:
-        if source and Path(source).exists() and _inside(Path(source).resolve(), target):
+        if source and as_path(source).exists() and _inside(as_path(source), target):
             raise FileExistsError(f"{target} contains the source {source}; choose another output (nothing written)")
     run = _training_run(target) if target.is_dir() else None
     if run is not None:
@@ -72,7 +77,7 @@ RUN_MARKERS = {"convert": ("conversion.json", "stage-0-transfer"), "distill": ("
 def check_run_dir(output_dir, overwrite: bool, kind: str, sources) -> None:
     """A convert / distill ``output_dir``: new, empty or an earlier run of ``kind`` (resumed); anything
     else needs ``--overwrite`` (files there are kept) and never holds the sources or another run."""
-    out = Path(output_dir).resolve()
+    out = as_path(output_dir)
     if not out.is_dir() or any((out / m).exists() for m in RUN_MARKERS[kind]):
         return
     entries = sorted(p.name for p in out.iterdir())

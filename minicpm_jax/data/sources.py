@@ -4,18 +4,23 @@ A source has ``__len__`` and ``__getitem__(i)``; document ``i`` is a ``str`` (te
 later) or a 1-D ``int32`` array (pre-tokenized ``array`` source). Files are indexed once at start
 (byte offsets of JSONL lines, the text column of Parquet files, eos positions of token arrays), so
 shuffling and resuming never re-read more than the documents they need.
+
+``data.paths`` go through ``minicpm_jax.paths``: local paths and globs as before, and ``gs://``, ``s3://``
+or ``memory://`` URLs (globs with ``**`` included) for the JSONL, Parquet and array sources (a remote
+``.npy`` array is read into host memory instead of memory-mapped). ArrayRecord files must be local
+(the reader takes file names only).
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from minicpm_jax.data.synthetic import SyntheticSource
+from minicpm_jax.paths import as_path, glob_files, has_magic, is_remote
 
 
 def resolve_paths(patterns: tuple[str, ...], source: str) -> list[Path]:
@@ -24,20 +29,20 @@ def resolve_paths(patterns: tuple[str, ...], source: str) -> list[Path]:
         raise ValueError(f"data.paths: empty; data.source {source!r} reads files (give paths or globs)")
     files: list[Path] = []
     for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
-            matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        if has_magic(pattern):
+            matches = glob_files(pattern)
             if not matches:
                 raise FileNotFoundError(f"data.paths: glob {pattern!r} matches no file")
             files += matches
-        elif os.path.isdir(expanded):
+            continue
+        path = as_path(pattern)
+        if path.is_dir():
             raise ValueError(
                 f"data.paths: {pattern!r} is a directory; give files or a glob like '{pattern.rstrip('/')}/*'"
             )
-        elif not os.path.isfile(expanded):
+        if not path.is_file():
             raise FileNotFoundError(f"data.paths: no such file {pattern!r}")
-        else:
-            files.append(Path(expanded))
+        files.append(path)
     return files
 
 
@@ -86,7 +91,7 @@ class JsonlSource(_MultiFile):
         self._offsets = []
         for path in files:
             offsets, pos = [], 0
-            with open(path, "rb") as fh:
+            with path.open("rb") as fh:
                 for line in fh:
                     if line.strip():
                         offsets.append(pos)
@@ -97,7 +102,7 @@ class JsonlSource(_MultiFile):
 
     def __getitem__(self, index: int) -> str:
         f, i = self.locate(index)
-        with open(self.files[f], "rb") as fh:
+        with self.files[f].open("rb") as fh:
             fh.seek(int(self._offsets[f][i]))
             line = fh.readline()
         return record_text(line, self._field, f"{self.files[f]} (document {i})")
@@ -110,14 +115,16 @@ class ParquetSource(_MultiFile):
         import pyarrow.parquet as pq
 
         self._field, self._columns = text_field, []
-        for path in files:
-            try:
-                names = pq.ParquetFile(path).schema_arrow.names
-            except Exception as e:  # pyarrow raises ArrowInvalid / OSError on non-Parquet files
-                raise ValueError(f"data.paths: {path} is not a readable Parquet file: {e}") from e
-            if text_field not in names:
-                raise ValueError(f"data.text_field: column {text_field!r} not in {path}; columns: {names}")
-            self._columns.append(pq.read_table(path, columns=[text_field], memory_map=True)[text_field])
+        for path in files:  # a remote file is read through its file object (its column lands in host memory)
+            with path.open("rb") if is_remote(path) else contextlib.nullcontext(path) as source:
+                try:
+                    names = pq.ParquetFile(source).schema_arrow.names
+                except Exception as e:  # pyarrow raises ArrowInvalid / OSError on non-Parquet files
+                    raise ValueError(f"data.paths: {path} is not a readable Parquet file: {e}") from e
+                if text_field not in names:
+                    raise ValueError(f"data.text_field: column {text_field!r} not in {path}; columns: {names}")
+                table = pq.read_table(source, columns=[text_field], memory_map=not is_remote(path))
+            self._columns.append(table[text_field])
         super().__init__(files, [len(c) for c in self._columns])
         self.check_first_records()
 
@@ -136,6 +143,9 @@ class ArrayRecordSource:
         from grain.sources import ArrayRecordDataSource
 
         self._field = text_field
+        remote = [str(p) for p in files if is_remote(p)]
+        if remote:
+            raise ValueError(f"data.paths: ArrayRecord files must be local paths (copy them first): {remote}")
         try:
             self._source = ArrayRecordDataSource([str(p) for p in files])
         except Exception as e:  # array_record raises RuntimeError / ValueError on bad files
@@ -165,7 +175,11 @@ class ArraySource(_MultiFile):
         self._arrays, self._bounds = [], []
         for path in files:
             try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                if is_remote(path):  # no memory map over an object store: the array is read whole
+                    with path.open("rb") as fh:
+                        arr = np.load(fh, allow_pickle=False)
+                else:
+                    arr = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise ValueError(f"data.paths: {path} is not a readable .npy array: {e}") from e
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):

@@ -1,6 +1,7 @@
 """Evaluation reports and progress: ``report.json`` (every number, the options, the config, the model
 source), ``report.md`` (a Markdown table of metrics per task, then each task's rows), both written
-atomically (temp file, then rename); ``progress`` is a rich progress bar with ETA over requests.
+atomically (locally a temp file, then rename; on ``gs://`` / ``s3://`` / ``memory://`` through
+``minicpm_jax.paths`` one object write, which those stores make atomic); ``progress`` is a rich progress bar with ETA over requests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from minicpm_jax.paths import as_path, is_remote
 
 MAX_MD_ROWS = 50  # rows shown per task in report.md (report.json keeps them all)
 
@@ -39,9 +42,14 @@ def progress(total: int, description: str) -> Iterator:
         yield lambda n=1: bar.advance(task, n)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory, then rename."""
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory, then rename (a remote path:
+    one object write, atomic on object stores)."""
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        path.write_text(text, encoding="utf-8")
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -103,7 +111,7 @@ def write_report(output_dir: str | Path, results: dict, *, source: str, config: 
     report = _jsonable({"source": source, "config": config or {}, "results": results})
     if jax.process_index() != 0:  # multi-host: process 0 alone writes
         return report
-    out = Path(output_dir)
+    out = as_path(output_dir)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "report.md", markdown(report))
     return report

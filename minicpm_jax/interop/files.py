@@ -1,10 +1,15 @@
-"""Atomic directory writes and safetensors shard planning (single file or sharded + index)."""
+"""Atomic directory writes and safetensors shard planning (single file or sharded + index).
+
+Paths go through ``minicpm_jax.paths``: locally ``atomic_directory`` ends in one atomic rename; on
+``gs://``, ``s3://`` or ``memory://`` the same steps run, but a directory "rename" is a copy then a
+delete, so the target is complete when the block returns yet is not replaced atomically (a reader
+during the move can see it partly written).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -12,6 +17,7 @@ from pathlib import Path
 import jax
 
 from minicpm_jax import distributed
+from minicpm_jax.paths import as_path, replace, rmtree
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -30,7 +36,7 @@ def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | N
     get the same temp dir (named by the process count, not a uuid); process 0 alone creates, renames
     and removes, between barriers.
     """
-    target = Path(target).resolve()
+    target = as_path(target)
     if distributed.multiprocess():
         with _shared_directory(target, replaceable) as tmp:
             yield tmp
@@ -43,7 +49,7 @@ def atomic_directory(target: str | Path, replaceable: Callable[[Path], bool] | N
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        rmtree(tmp)
         raise
     _replace(target, tmp, target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}"))
 
@@ -63,9 +69,9 @@ def _check_target(target: Path, replaceable: Callable[[Path], bool] | None) -> N
 
 def _replace(target: Path, tmp: Path, old: Path) -> None:
     if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+        replace(target, old)
+    replace(tmp, target)
+    rmtree(old)
 
 
 @contextlib.contextmanager
@@ -85,7 +91,7 @@ def _shared_directory(target: Path, replaceable) -> Iterator[Path]:
         yield tmp
     except BaseException:
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            rmtree(tmp)
         raise
     distributed.barrier(f"atomic_directory.written:{target}")
     if main:
@@ -99,16 +105,16 @@ def _clean_leftovers(target: Path) -> None:
         return
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
         if not target.exists():
-            old.rename(target)
+            replace(old, target)
         else:
-            shutil.rmtree(old, ignore_errors=True)
+            rmtree(old)
     for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        rmtree(tmp)
 
 
 def is_hf_checkpoint(directory: str | Path) -> bool:
     """A Hugging Face checkpoint directory: ``config.json`` and safetensors weights."""
-    directory = Path(directory)
+    directory = as_path(directory)
     return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
 
 
@@ -128,21 +134,36 @@ def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[tuple[st
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def safetensors_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header (an 8-byte little-endian length, then
+    that many bytes of JSON), read through the path layer without fetching the tensors. A damaged
+    header raises ``SafetensorError``, as ``safe_open`` does."""
+    from safetensors import SafetensorError
+
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise SafetensorError(f"{path}: invalid safetensors header ({e})") from None
+    if len(raw) != size or not isinstance(header, dict):
+        raise SafetensorError(f"{path}: invalid safetensors header")
+    return [name for name in header if name != "__metadata__"]
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def tensor_files(directory: str | Path) -> dict[str, Path]:
     """``{tensor name: file}`` of a checkpoint directory (index, single file, or none found -> error)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     index = directory / INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {k: directory / f for k, f in weight_map.items()}
     single = directory / SINGLE_NAME
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(single, "numpy") as f:
-            return {k: single for k in f.keys()}
+        return dict.fromkeys(safetensors_names(single), single)
     raise FileNotFoundError(f"{directory}: no {INDEX_NAME} or {SINGLE_NAME} found")

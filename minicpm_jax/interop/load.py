@@ -2,6 +2,9 @@
 
 Everything is checked before anything is loaded (one error lists every missing, unexpected or
 mis-shaped tensor); then tensors are read one at a time and placed straight onto their shardings.
+
+The directory goes through ``minicpm_jax.paths``; a remote (``gs://``, ``s3://``, ``memory://``)
+safetensors file is first copied to a local temp file (removed after loading) to be memory-mapped.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from minicpm_jax.interop.formats import import_config
 from minicpm_jax.interop.layout import Entry, from_hf, layout
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.model.factory import abstract_model, state_shardings
+from minicpm_jax.paths import as_path, local_copy
 
 
 class CheckpointError(ValueError):
@@ -48,7 +52,7 @@ def load_hf_checkpoint(
 
     ``attention_impl`` / ``lightning_impl``: the model's kernel choice (runtime options).
     """
-    directory = Path(directory)
+    directory = as_path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json")
     cfg, _ = import_config(json.loads((directory / "config.json").read_text()))
@@ -61,7 +65,9 @@ def load_hf_checkpoint(
     files = tensor_files(directory)
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh))) if mesh is not None else {}
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, "numpy")) for f in set(files.values())}
+        handles = {
+            f: stack.enter_context(safe_open(stack.enter_context(local_copy(f)), "numpy")) for f in set(files.values())
+        }
         _check(directory, cfg, entries, {k: tuple(handles[f].get_slice(k).get_shape()) for k, f in files.items()})
         loaded = []
         for key, entry in entries.items():

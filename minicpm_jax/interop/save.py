@@ -4,6 +4,9 @@ safetensors (sharded + index above ``max_shard_bytes``), tokenizer files. No tor
 The host holds one shard's tensors at a time; each parameter is gathered from its devices on its own.
 In a multi-host run every process calls ``save_hf_checkpoint`` (each gathers every tensor); process 0
 alone writes.
+
+The directory goes through ``minicpm_jax.paths`` (local, ``gs://``, ``s3://``, ``memory://``); a remote
+shard is serialized in host memory and written as one object.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
 from minicpm_jax import distributed
 from minicpm_jax.config.schema import ModelConfig
@@ -21,6 +24,7 @@ from minicpm_jax.data.tokenizer import save_tokenizer
 from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, is_hf_checkpoint, plan_shards, write_json
 from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
+from minicpm_jax.paths import as_path, is_remote
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -60,10 +64,12 @@ def save_hf_checkpoint(
         shards = plan_shards(sizes, max_shard_bytes)
         for filename, keys in shards:
             tensors = {k: tensor(k) for k in keys}
-            if distributed.is_main():
+            if distributed.is_main() and is_remote(tmp):
+                (tmp / filename).write_bytes(save(tensors, metadata={"format": "pt"}))
+            elif distributed.is_main():
                 save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
         if not distributed.is_main():
-            return Path(directory)
+            return as_path(directory)
         if len(shards) > 1:
             write_json(
                 tmp / INDEX_NAME,
@@ -76,4 +82,4 @@ def save_hf_checkpoint(
         write_json(tmp / "generation_config.json", generation_config(config))
         if tokenizer_dir is not None:  # its generation_config.json wins over ours
             save_tokenizer(tokenizer_dir, tmp)
-    return Path(directory)
+    return as_path(directory)

@@ -9,6 +9,11 @@ the current run (changed config, other shapes) raises ``ResumeError`` and is nev
 
 In a multi-host run every process saves and restores through orbax (one directory, one commit);
 process 0 alone writes manifests and moves damaged checkpoints aside.
+
+The directory goes through ``minicpm_jax.paths``: local, ``gs://`` or ``s3://`` (what orbax writes; any
+other scheme is refused up front). Manifests are written and checked through the same layer; on an
+object store, verifying reads every file of the checkpoint back, and moving a damaged one aside is a
+copy then a delete (not atomic).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from minicpm_jax import distributed
+from minicpm_jax.paths import as_path, files_under, orbax_path, replace
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +45,11 @@ class TrainCheckpointer:
     """``save(step, state, data_state, config)`` / ``restore_latest(abstract_state) -> (state, data, config)``."""
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
-        self.directory = Path(directory).resolve()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         handlers["config"] = ocp.JsonCheckpointHandler()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(orbax_path(self.directory), options=options, item_handlers=handlers)
         self.verified: set[int] = set()  # steps whose manifest matched
         self.unsealed: set[int] = set()  # steps saved by this run that have no manifest yet
 
@@ -110,7 +116,7 @@ class TrainCheckpointer:
     def _move_aside(self, step: int, problem: str) -> None:
         aside = self.directory / f"corrupt-step-{step}-{int(time.time())}"
         if distributed.is_main():
-            (self.directory / str(step)).rename(aside)
+            replace(self.directory / str(step), aside)
         distributed.barrier(f"minicpm_jax.checkpoint.move_aside:{step}")
         self.manager.reload()
         log.warning(
@@ -133,10 +139,6 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def _files(directory: Path) -> dict[str, Path]:
-    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -147,14 +149,16 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """``directory/sha256.json``: ``{relative path: sha256}`` of every file (written via a temp file)."""
-    sums = {name: _sha256(p) for name, p in _files(directory).items() if name != MANIFEST}
+    directory = as_path(directory)
+    sums = {name: _sha256(p) for name, p in files_under(directory).items() if name != MANIFEST}
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(sums, indent=1) + "\n")
-    tmp.replace(directory / MANIFEST)
+    replace(tmp, directory / MANIFEST)
 
 
 def verify_manifest(directory: Path) -> str | None:
     """None when ``directory`` matches its manifest (or has none), else what is wrong, naming the file."""
+    directory = as_path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         return None
@@ -162,7 +166,7 @@ def verify_manifest(directory: Path) -> str | None:
         sums = json.loads(path.read_text())
     except ValueError:
         return f"{path}: unreadable manifest"
-    files = _files(directory)
+    files = files_under(directory)
     for name, digest in sums.items():
         if name not in files:
             return f"{directory / name}: missing"
