@@ -118,6 +118,7 @@ class Conversion:
             overrides=cv.model,
             seed=self.recipe.seed,
             param_dtype=self.param_dtype,
+            require_softmax=cv.mixer_types is not None,  # before selection every candidate is Lightning
         )
         return save_model(model, cfg, target, tokenizer_source=self.tokenizer_source)
 

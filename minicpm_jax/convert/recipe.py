@@ -98,7 +98,8 @@ def load_convert_recipe(path: str | Path, overrides=()) -> ConvertRecipe:
     overrides = _stage_overrides(raw, overrides)
     raw["stages"] = {str(i): s for i, s in enumerate(raw.get("stages") or [])}
     raw = apply_overrides(raw, overrides)
-    raw["stages"] = [raw["stages"][k] for k in sorted(raw["stages"], key=int)]
+    if isinstance(raw["stages"], dict):  # an override ``stages=[...]`` replaces the whole list
+        raw["stages"] = [raw["stages"][k] for k in sorted(raw["stages"], key=int)]
     recipe = validate_recipe(raw, ConvertRecipe, str(path))
     errors = []
     if any(s.loss == "align" for s in recipe.stages[1:]):

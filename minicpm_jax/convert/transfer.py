@@ -33,8 +33,9 @@ def check_teacher(cfg: ModelConfig) -> None:
         )
 
 
-def check_mixer_types(cfg: ModelConfig, mixer_types) -> tuple[str, ...]:
-    """``mixer_types`` validated against the teacher: one known entry per layer, at least one of each kind."""
+def check_mixer_types(cfg: ModelConfig, mixer_types, require_softmax: bool = True) -> tuple[str, ...]:
+    """``mixer_types`` validated against the teacher: one known entry per layer, and (``require_softmax``)
+    at least one softmax layer; stage 1 may align an all-Lightning model before selection."""
     mixer_types = tuple(mixer_types)
     n = cfg.num_hidden_layers
     if len(mixer_types) != n:
@@ -42,19 +43,25 @@ def check_mixer_types(cfg: ModelConfig, mixer_types) -> tuple[str, ...]:
     bad = sorted({m for m in mixer_types if m not in (SOFTMAX, LIGHTNING)})
     if bad:
         raise ValueError(f"convert.mixer_types: unknown mixer type(s) {bad}; allowed: {[SOFTMAX, LIGHTNING]}")
-    if SOFTMAX not in mixer_types:
+    if require_softmax and SOFTMAX not in mixer_types:
         raise ValueError("convert.mixer_types: no softmax ('minicpm4') layer; keep at least one")
     return mixer_types
 
 
 def hybrid_config(
-    teacher: ModelConfig, mixer_types, *, nope: bool = True, output_gate: bool = True, overrides: dict | None = None
+    teacher: ModelConfig,
+    mixer_types,
+    *,
+    nope: bool = True,
+    output_gate: bool = True,
+    overrides: dict | None = None,
+    require_softmax: bool = True,
 ) -> ModelConfig:
     """The hybrid's config: the teacher's, with ``mixer_types`` and SALA's Lightning layer (full MHA
     at the teacher's head count and head dim, QK-norm, ``o_norm``, ``z_proj`` gate, RoPE), then
     ``overrides`` (fields without parameters, e.g. ``max_position_embeddings``, ``rope_scaling``)."""
     check_teacher(teacher)
-    mixer_types = check_mixer_types(teacher, mixer_types)
+    mixer_types = check_mixer_types(teacher, mixer_types, require_softmax)
     nh, hd = teacher.num_attention_heads, teacher.attn_head_dim
     cfg = teacher.model_copy(
         update=dict(
@@ -94,11 +101,19 @@ def transfer(
     seed: int = 0,
     param_dtype=jnp.float32,
     dtype=None,
+    require_softmax: bool = True,
 ) -> tuple[ModelConfig, MiniCPMForCausalLM]:
     """``(hybrid config, hybrid model)`` with the teacher's weights transferred; placed on the
     teacher's mesh (if sharded). ``seed`` draws the fresh ``z_proj`` / ``o_gate`` weights;
-    ``overrides``: see ``hybrid_config``."""
-    cfg = hybrid_config(teacher.config, mixer_types, nope=nope, output_gate=output_gate, overrides=overrides)
+    ``overrides``, ``require_softmax``: see ``hybrid_config``."""
+    cfg = hybrid_config(
+        teacher.config,
+        mixer_types,
+        nope=nope,
+        output_gate=output_gate,
+        overrides=overrides,
+        require_softmax=require_softmax,
+    )
     hybrid = create_model(
         cfg, mesh=mesh_of(nnx.state(teacher)), seed=seed, dtype=dtype or teacher.dtype, param_dtype=param_dtype
     )

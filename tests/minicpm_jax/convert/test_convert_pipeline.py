@@ -123,6 +123,11 @@ def test_sigkill_in_stage_two_resumes_there_and_the_export_imports_back(tmp_path
         ("tiny-minicpm4", ["convert.softmax_ratio=0.1", "convert.keep_first_last=false"], "rounds to 0 softmax layers"),
         (
             "tiny-minicpm4",
+            ["convert.mixer_types=[lightning-attn, lightning-attn]"],
+            "no softmax ('minicpm4') layer; keep at least one",
+        ),
+        (
+            "tiny-minicpm4",
             [f"data.tokenizer={TOKENIZER}", "convert.mixer_types=[minicpm4, lightning-attn]"],
             "larger than model.vocab_size 512",
         ),
@@ -150,3 +155,22 @@ def test_plan_compiles_every_stage_with_the_teacher_as_frozen_state(tmp_path):
     assert all(row.temp_bytes > 0 and row.seq_len == s for (_, row), s in zip(rows, (32, 32, 80)))
     # the LM stage has no teacher but trains everything (optimizer moments for all parameters)
     assert resident["3-continual"] > resident["1-align"] and not (tmp_path / "run").exists()
+
+
+def test_without_keep_first_last_every_layer_is_a_candidate_and_the_budget_is_kept(tmp_path):
+    """keep_first_last=false and no mixer_types: stage 1 aligns an all-Lightning model (allowed only
+    there), selection scores all 4 layers and keeps exactly round(0.25 * 4) = 1 softmax layer."""
+    from minicpm_jax.convert import load_convert_recipe, run_conversion
+
+    path = _recipe(tmp_path, str(_teacher(tmp_path)), softmax_ratio=0.25, keep_first_last=False, export_hf=False)
+    recipe = load_convert_recipe(
+        path, ["stages=[{name: align, loss: align, train: {steps: 1}}]", "train.global_batch_size=8"]
+    )
+    summary = run_conversion(recipe)
+    aligned = load_model(tmp_path / "run" / "stage-0-transfer")[0]
+    assert aligned.layer_mixers == ("lightning-attn",) * 4
+    selection = json.loads((tmp_path / "run" / "selection" / "selection.json").read_text())
+    assert [r["layer"] for r in selection["rows"]] == [0, 1, 2, 3]
+    assert summary["mixer_types"].count("minicpm4") == 1
+    kept = [r["layer"] for r in selection["rows"] if r["softmax"]]
+    assert summary["mixer_types"][kept[0]] == "minicpm4" and len(kept) == 1
