@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -48,8 +49,10 @@ def _run_config(overrides):
     if any(o.startswith("model.") for o in overrides):
         raise ConfigError(
             [
-                "model.*: this command takes the model from its checkpoint; "
-                "only mesh.*, dtype, param_dtype and seed can be overridden"
+                (
+                    "model.*: this command takes the model from its checkpoint; "
+                    "only mesh.*, dtype, param_dtype and seed can be overridden"
+                )
             ]
         )
     return build_config(apply_overrides({}, overrides))
@@ -155,6 +158,7 @@ def cmd_import_hf(args) -> None:
 
     cfg = _run_config(args.overrides)
     check_output(args.output, overwrite=args.overwrite, sources=[args.hf_dir])
+    distributed.barrier("minicpm_jax.cli.checked")
     start = time.perf_counter()
     model_cfg, model = load_hf(args.hf_dir, mesh=make_mesh(cfg.mesh), param_dtype=cfg.param_dtype)
     with writing(args.output):
@@ -219,6 +223,7 @@ def cmd_convert(args) -> None:
     recipe = load_convert_recipe(check_recipe_file(args.config), args.overrides)
     if not args.plan:
         check_run_dir(recipe.output_dir, args.overwrite, "convert", [recipe.teacher])
+    distributed.barrier("minicpm_jax.cli.checked")  # every host checked the output before any writes
     console.rule("resolved conversion recipe")
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
     if args.plan:
@@ -251,6 +256,7 @@ def cmd_distill(args) -> None:
     recipe = load_distill_recipe(check_recipe_file(args.config), args.overrides)
     if not args.plan:
         check_run_dir(recipe.output_dir, args.overwrite, "distill", [recipe.student, recipe.teacher])
+    distributed.barrier("minicpm_jax.cli.checked")
     console.rule("resolved distillation recipe")
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=120).rstrip(), highlight=False)
     if args.plan:
@@ -275,6 +281,7 @@ def cmd_generate(args) -> None:
     cfg = _run_config(args.overrides)
     if args.output:
         check_output(args.output, overwrite=args.overwrite, sources=[args.checkpoint, args.input, args.tokenizer])
+    distributed.barrier("minicpm_jax.cli.checked")
     tokenizer_dir = args.tokenizer or args.checkpoint
     tokenizer = load_tokenizer(tokenizer_dir)
     chat = tokenizer.chat_template is not None if args.chat is None else args.chat
@@ -297,11 +304,11 @@ def cmd_generate(args) -> None:
         context=model_cfg.max_position_embeddings,
         vocab_size=model_cfg.vocab_size,
     )
-    stream = args.output is None and len(requests) == 1
+    stream = args.output is None and len(requests) == 1 and distributed.is_main()
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
     start = time.perf_counter()
-    if args.output:
-        with jsonl_output(Path(args.output)) as f:  # opened (and its disk checked) before generating
+    if args.output:  # opened (and its disk checked) before generating; every process generates, process 0 writes
+        with jsonl_output(Path(args.output)) if distributed.is_main() else open(os.devnull, "w") as f:
             for record in run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         console.print(f"{len(requests)} completions -> {args.output} in {time.perf_counter() - start:.1f}s")
@@ -380,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", action="store_true", help="compile every stage's train step from abstract shapes; print memory"
     )
     _add_plan_arguments(p)
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("distill", help="on-policy distillation from a recipe (configs/recipes/distill-*.yaml)")
@@ -388,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p, "let output_dir hold other files (kept; never the student, teacher or another run)")
     p.add_argument("--plan", action="store_true", help="compile the train step from abstract shapes; print memory")
     _add_plan_arguments(p)
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("generate", help="complete prompts with a checkpoint (its tokenizer and chat template)")
@@ -416,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="format prompts with the chat template (default: when the tokenizer has one)",
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's dtype)")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on tasks (recipe YAML or --tasks); writes report.json/md")
@@ -429,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs [eval])")
     p.add_argument("--lm-eval-include-path", metavar="DIR", help="folder of extra harness task YAML files")
     p.add_argument("--limit", type=int, help="--lm-eval: at most N documents per task")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="parameter count and per-device memory of a model preset")
@@ -448,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("output")
     _add_overwrite(p, "replace an earlier native checkpoint at OUTPUT")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="checkpoint, HF directory or preset -> Hugging Face directory")

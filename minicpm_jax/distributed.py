@@ -112,6 +112,27 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def spans_processes(mesh) -> bool:
+    """Whether ``mesh`` (or None: one local device) holds devices of other processes than this one."""
+    return mesh is not None and any(d.process_index != jax.process_index() for d in np.ravel(mesh.devices))
+
+
+def owned(index: int) -> bool:
+    """Whether work item ``index`` is this process's (round robin over the processes)."""
+    return index % jax.process_count() == jax.process_index()
+
+
+def gather_owned(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Entry ``i`` of ``values`` as computed by process ``owner[i]``: every process passes its array
+    (its own entries filled) and all get the same result, bit for bit (a collective)."""
+    if not multiprocess():
+        return values
+    values = np.ascontiguousarray(values)
+    rows = multihost_utils.process_allgather(values.reshape(-1).view(np.uint8))
+    every = np.asarray(rows).view(values.dtype).reshape(jax.process_count(), *values.shape)
+    return every[np.asarray(owner), np.arange(len(values))]
+
+
 def local_rows(batch: dict) -> dict:
     """This process's equal share of the rows of a batch every process holds in full."""
     if not multiprocess():

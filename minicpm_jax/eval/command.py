@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import yaml
 from rich.table import Table
 
+from minicpm_jax import distributed
 from minicpm_jax.config import ConfigError, build_config
 from minicpm_jax.config.loading import apply_overrides
 from minicpm_jax.safety import check_output, check_recipe_file
@@ -65,6 +66,7 @@ def run_eval(args, console) -> None:
 
         output = Path(args.output or "outputs/eval")
         check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer])
+        distributed.barrier("minicpm_jax.eval.checked")
         tasks = [t for t in args.lm_eval.split(",") if t]
         results = run_harness(
             args.checkpoint,
@@ -94,6 +96,7 @@ def run_eval(args, console) -> None:
     output = Path(args.output or recipe.get("output_dir") or "outputs/eval")
     normalize_tasks(recipe["tasks"])  # an unknown task is reported before the output is checked
     check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer, args.config])
+    distributed.barrier("minicpm_jax.eval.checked")  # every host checked the output before process 0 writes
     batch_size = args.batch_size or recipe.get("batch_size", 8)
     start = time.perf_counter()
     model_cfg, model, tokenizer = load_model_and_tokenizer(

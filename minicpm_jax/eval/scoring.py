@@ -6,7 +6,10 @@ two (at least ``MIN_BUCKET``), and every batch has ``batch_size`` rows, so a run
 length bucket. The forward pass is one ``jax.jit`` per bucket: final hidden states, then fp32
 log-softmax over token chunks of ``chunk_tokens`` tokens (all rows together), so ``[B, T, V]``
 logits never exist at once. Parameters sharded over a mesh are used where they are (the batch is
-padded to fill the data axes).
+padded to fill the data axes and its rows laid over ``data x fsdp``). With several processes
+(``minicpm_jax.distributed``) a model over all of them scores each batch together, each process
+feeding its devices' rows; a model of each process alone scores every ``process_count``-th batch,
+and the scores are gathered, so every process returns the same list.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from minicpm_jax import distributed
 from minicpm_jax.sharding import mesh_of
 
 MIN_BUCKET = 16
@@ -93,12 +98,19 @@ def loglikelihood(
     mesh = mesh_of(state)
     dp = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     rows = -(-batch_size // dp) * dp
+    # a model over several processes runs every batch on all of them (rows over data x fsdp); a model
+    # of this process alone scores its share of the batches, and the scores are gathered afterwards
+    shared = distributed.spans_processes(mesh)
     lengths = [len(c) + len(x) - 1 for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    sums, greedy_all = np.zeros(len(pairs), np.float64), np.zeros(len(pairs), np.bool_)
+    owner = np.zeros(len(pairs), np.int32)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        for start in range(0, len(order), batch_size):
+        for index, start in enumerate(range(0, len(order), batch_size)):
             batch = order[start : start + batch_size]
+            owner[batch] = index % jax.process_count()
+            if not (shared or distributed.owned(index)):
+                continue
             width = _bucket(lengths[batch[0]], cfg.max_position_embeddings)
             ids = np.zeros((rows, width), np.int32)
             targets = np.zeros((rows, width), np.int32)
@@ -106,13 +118,25 @@ def loglikelihood(
                 seq = list(pairs[i][0]) + list(pairs[i][1])
                 ids[r, : len(seq) - 1] = seq[:-1]
                 targets[r, : len(seq) - 1] = seq[1:]
-            lp, greedy = jax.device_get(_token_scores(graphdef, state, ids, targets, chunk_tokens))
+            if mesh is not None:
+                ids, targets = _rows_over(mesh, ids), _rows_over(mesh, targets)
+            lp, greedy = _token_scores(graphdef, state, ids, targets, chunk_tokens)
+            lp, greedy = distributed.to_host(lp), distributed.to_host(greedy)
             for r, i in enumerate(batch):
                 n_ctx, n = len(pairs[i][0]), lengths[i]
-                out[i] = (float(np.sum(lp[r, n_ctx - 1 : n], dtype=np.float64)), bool(greedy[r, n_ctx - 1 : n].all()))
+                sums[i] = np.sum(lp[r, n_ctx - 1 : n], dtype=np.float64)
+                greedy_all[i] = greedy[r, n_ctx - 1 : n].all()
             if on_batch is not None:
                 on_batch(len(batch))
-    return out
+    if not shared:
+        sums, greedy_all = distributed.gather_owned(sums, owner), distributed.gather_owned(greedy_all, owner)
+    return [(float(s), bool(g)) for s, g in zip(sums, greedy_all)]
+
+
+def _rows_over(mesh, x: np.ndarray) -> jax.Array:
+    """``x`` (the same on every process) with its rows over the mesh's ``data x fsdp`` axes."""
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def rolling_windows(tokens: Sequence[int], max_length: int, stride: int) -> list[Pair]:

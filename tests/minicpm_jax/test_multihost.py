@@ -122,7 +122,12 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
 def test_two_processes_export_the_same_files_as_one(tmp_path):
     def export(out, devices: int, *distributed: str):
         args = ["export-hf", "tiny-minicpm4", str(out), "--dtype", "float32", "mesh.fsdp=-1", *distributed]
-        return subprocess.Popen([sys.executable, RUNNER, "cli", str(devices), *args], cwd=ROOT, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, RUNNER, "cli", str(devices), *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     port = _free_port()
     multi = [
@@ -137,6 +142,67 @@ def test_two_processes_export_the_same_files_as_one(tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "multi").iterdir()) and "model.safetensors" in files
     for name in files:
         assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def _eval_data(tmp_path) -> dict:
+    text = tmp_path / "heldout.txt"
+    text.write_text("".join(f"{a}+{b}={a + b}\nkv x{a}={b} | x{a}? {b}\n" for a in range(9) for b in range(3)))
+    choices = tmp_path / "choices.jsonl"
+    rows = [{"context": f"{a}+{a}=", "choices": [str(2 * a), str(2 * a + 1), "x"], "gold": 0} for a in range(7)]
+    choices.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "ppl": {"task": "perplexity", "paths": str(text), "max_length": 64},
+        "mc": {"task": "multiple_choice", "path": str(choices)},
+    }
+
+
+def test_two_processes_evaluate_as_one(tmp_path):
+    """``train.eval_tasks`` on a model over both processes (each feeds its rows), and ``eval`` with a
+    whole model per process (each scores every other batch): the same metrics as one process."""
+    tasks = _eval_data(tmp_path)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(json.dumps({"tasks": tasks, "batch_size": 2}))
+    train = [*OVERRIDES, "train.steps=2", "optimizer.decay_steps=0", "train.eval_every=0", "data.eval_documents=0"]
+    train += [f"train.eval_tasks.{label}.{k}={v}" for label, options in tasks.items() for k, v in options.items()]
+
+    def cli(devices: int, *args: str):
+        return subprocess.Popen(
+            [sys.executable, RUNNER, "cli", str(devices), *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    port, eval_port = _free_port(), _free_port()
+    procs = [
+        cli(4, "train", "--config", RECIPE, *_join(port, i), *train, f"train.output_dir={tmp_path / 'multi'}")
+        for i in range(2)
+    ]
+    evaluate = ["eval", "--checkpoint", "tiny-minicpm4", "--config", str(recipe)]
+    procs += [cli(4, *evaluate, *_join(eval_port, i), "--output", str(tmp_path / "eval-multi")) for i in range(2)]
+    procs.append(cli(8, *evaluate, "--output", str(tmp_path / "eval-single")))
+    reference = [sys.executable, RUNNER, "reference", "2", RECIPE, *train, f"train.output_dir={tmp_path / 'single'}"]
+    procs.append(subprocess.Popen(reference, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    results = _wait(procs, time.monotonic() + TIMEOUT)
+    assert [code for code, _ in results] == [0] * 6, results
+
+    def final_metrics(out) -> dict:
+        record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        return {k: v for k, v in record.items() if k.startswith("eval/")}
+
+    got, want = final_metrics(tmp_path / "multi"), final_metrics(tmp_path / "single")
+    assert sorted(got) == sorted(want) and {"eval/ppl/perplexity", "eval/mc/acc"} <= set(got), got
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6, atol=0)
+
+    def report(out) -> dict:
+        return {k: r["metrics"] for k, r in json.loads((out / "report.json").read_text())["results"].items()}
+
+    assert report(tmp_path / "eval-multi") == report(tmp_path / "eval-single")  # bit for bit
+    assert sorted(p.name for p in (tmp_path / "eval-multi").iterdir()) == ["report.json", "report.md"]
+
+
+def _join(port: int, process_id: int) -> list[str]:
+    return ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id)]
 
 
 def test_initialize_refuses_incomplete_or_out_of_range_arguments():
