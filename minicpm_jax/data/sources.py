@@ -7,8 +7,9 @@ shuffling and resuming never re-read more than the documents they need.
 
 ``data.paths`` go through ``minicpm_jax.paths``: local paths and globs as before, and ``gs://``, ``s3://``
 or ``memory://`` URLs (globs with ``**`` included) for the JSONL, Parquet and array sources (a remote
-``.npy`` array is read into host memory instead of memory-mapped). ArrayRecord files must be local
-(the reader takes file names only).
+``.npy`` array is read into host memory instead of memory-mapped). ArrayRecord globs are expanded by
+the layer, but the files are opened by array_record's own reader, which reads remote URLs only in
+builds with that support (open-source releases read local files; otherwise one error says so).
 """
 
 from __future__ import annotations
@@ -143,14 +144,16 @@ class ArrayRecordSource:
         from grain.sources import ArrayRecordDataSource
 
         self._field = text_field
-        remote = [str(p) for p in files if is_remote(p)]
-        if remote:
-            raise ValueError(f"data.paths: ArrayRecord files must be local paths (copy them first): {remote}")
+        names = [str(p) for p in files]  # URLs stay URLs: the ArrayRecord reader opens them itself
         try:
-            self._source = ArrayRecordDataSource([str(p) for p in files])
+            self._source = ArrayRecordDataSource(names)
         except Exception as e:  # array_record raises RuntimeError / ValueError on bad files
-            names = [str(p) for p in files]
-            raise ValueError(f"data.paths: cannot open ArrayRecord files {names}: {e}") from e
+            hint = (
+                "; this array_record build may not read remote files: copy them to a local disk"
+                if any(is_remote(p) for p in files)
+                else ""
+            )
+            raise ValueError(f"data.paths: cannot open ArrayRecord files {names}: {e}{hint}") from e
         if len(self._source):
             self[0]  # fail at start on a wrong text_field or a non-UTF-8 record
 
