@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.config.schema import ModelConfig
 from minicpm_jax.model.cache import KVCache, check_prefill, init_kv_cache
-from minicpm_jax.model.dense_attention import causal_attention
+from minicpm_jax.model.dense_attention import causal_attention, dot_product_attention, fold_groups, unfold_groups
 from minicpm_jax.model.layers import Linear
 from minicpm_jax.model.partition import BATCH, HEADS, KV, Partition, cache_roles
 from minicpm_jax.model.rope import apply_rope, rope_cos_sin
@@ -34,61 +34,39 @@ from pallas_kernels.infllm_v2 import (
     select_blocks,
 )
 
-
-def causal_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
-    """``[B, T, T]`` bool: query t sees key s iff s <= t and both lie in the same segment."""
-    idx = jnp.arange(length)
-    mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (batch, length, length))
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """GQA softmax attention: q ``[B,T,Hq,D]``, k/v ``[B,S,Hkv,D]``, mask ``[B,T,S]``; fp32 softmax.
-
-    Query head ``i`` uses KV head ``i // (Hq/Hkv)``.
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, d)
-
-
 CACHE_BLOCK = 1024  # keys per step when a multi-token call attends over a cache
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, block: int = CACHE_BLOCK):
     """Causal GQA attention of q ``[B,T,Hq,D]`` at ``positions [B,T]`` over a cache k/v ``[B,S,Hkv,D]``
     (slot s visible to position p iff s <= p), one block of keys at a time with an online softmax in
-    fp32: memory O(T x block) instead of O(T x S), and blocks past the largest position are skipped."""
-    b, t, hq, d = q.shape
+    fp32: memory O(T x block) instead of O(T x S), and blocks past the largest position are skipped.
+    The GQA group is folded into the query rows (``fold_groups``): one ``[T*G, D] x [D, block]``
+    matmul per KV head and block."""
+    _, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     block = min(block, s)
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    qf = fold_groups(q, hkv)  # [B, Hkv, R, D], row r at position positions[:, r // G]
+    row_pos = jnp.repeat(positions, hq // hkv, axis=1)[:, None, :, None]  # [B, 1, R, 1]
 
     def step(i, carry):
         m, l, acc = carry
         start = jnp.minimum(i * block, s - block)  # the last block may overlap the previous one
         kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=1).astype(q.dtype) for x in (k, v))
         idx = start + jnp.arange(block)
-        visible = ((idx >= i * block)[None, None, :] & (idx[None, None, :] <= positions[:, :, None]))[:, None, None]
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * d**-0.5
+        visible = (idx >= i * block) & (idx <= row_pos)
+        scores = jnp.einsum("bkrd,bskd->bkrs", qf, kb, preferred_element_type=jnp.float32) * d**-0.5
         m_new = jnp.maximum(m, jnp.where(visible, scores, jnp.finfo(jnp.float32).min).max(-1))
         p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkrs,bskd->bkrd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
         return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-    shape = (b, hkv, hq // hkv, t)
+    shape = qf.shape[:3]
     init = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape), jnp.zeros((*shape, d)))
     blocks = jnp.clip(jnp.max(positions) // block + 1, 1, -(-s // block))
     _, l, acc = jax.lax.fori_loop(0, blocks, step, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+    return unfold_groups(acc / jnp.where(l > 0, l, 1.0)[..., None], t).astype(q.dtype)
 
 
 def dense_attention(q, k, v, segment_ids: jax.Array | None, implementation: str = "auto") -> jax.Array:

@@ -4,6 +4,12 @@
 ``[B,T,Hkv,D]`` (query head ``i`` uses KV head ``i // (Hq/Hkv)``), causal, tokens attend only within
 their segment (same id = same document), scale ``D**-0.5``, fp32 softmax, output in q's dtype.
 Every implementation except ``reference`` keeps memory linear in ``T``, backward included.
+
+GQA is computed with the group folded into the query rows (``fold_groups``): the query heads of
+one KV head become rows ``t * G + g`` of one ``[B, Hkv, T*G, D]`` operand, so each score / value
+product is one batched matmul per KV head and K/V are never repeated per query head.
+``dot_product_attention`` (the plain masked softmax, also the decode step over a KV cache) and
+``causal_mask`` live here; ``minicpm_jax.model.attention`` imports them.
 """
 
 from __future__ import annotations
@@ -12,14 +18,46 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-# The module, not its names: attention.py may import this file (minicpm_jax.model's __init__ loads
-# attention.py first, so either import order works).
-from minicpm_jax.model import attention as _attention
 from pallas_kernels.infllm_v2 import dense_causal_attention
 
 F32 = jnp.float32
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash")
 SPLASH_BLOCKS = (512, 256, 128)
+
+
+def causal_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """``[B, T, T]`` bool: query t sees key s iff s <= t and both lie in the same segment."""
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (batch, length, length))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+def fold_groups(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q ``[B,T,Hq,D]`` -> ``[B,Hkv,T*G,D]`` (``G = Hq/Hkv``): query head ``h*G + g`` at position
+    ``t`` is row ``t*G + g`` of KV head ``h``."""
+    b, t, hq, d = q.shape
+    return q.reshape(b, t, kv_heads, hq // kv_heads, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d)
+
+
+def unfold_groups(x: jax.Array, length: int) -> jax.Array:
+    """The inverse of ``fold_groups``: ``[B,Hkv,T*G,D]`` -> ``[B,T,Hq,D]``."""
+    b, hkv, r, d = x.shape
+    return x.reshape(b, hkv, length, r // length, d).transpose(0, 2, 1, 3, 4).reshape(b, length, -1, d)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA softmax attention: q ``[B,T,Hq,D]``, k/v ``[B,S,Hkv,D]``, mask ``[B,T,S]``; fp32 softmax.
+
+    Query head ``i`` uses KV head ``i // (Hq/Hkv)``; the group is folded into the query rows.
+    """
+    b, t, _, d = q.shape
+    hkv, s = k.shape[2], k.shape[1]
+    scores = jnp.einsum("bkrd,bskd->bkrs", fold_groups(q, hkv), k, preferred_element_type=F32) * d**-0.5
+    scores = jnp.where(mask[:, None, :, None], scores.reshape(b, hkv, t, -1, s), jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, -1, s)
+    return unfold_groups(jnp.einsum("bkrs,bskd->bkrd", probs, v), t)
 
 
 def causal_attention(q, k, v, segment_ids=None, *, implementation="auto", block_size=512, interpret=False):
@@ -36,7 +74,7 @@ def causal_attention(q, k, v, segment_ids=None, *, implementation="auto", block_
     impl = _resolve(implementation, q)
     b, t = q.shape[:2]
     if impl == "reference":
-        return _attention.dot_product_attention(q, k, v, _attention.causal_mask(segment_ids, b, t))
+        return dot_product_attention(q, k, v, causal_mask(segment_ids, b, t))
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, interpret=interpret)
     if impl == "cudnn" and segment_ids is None:

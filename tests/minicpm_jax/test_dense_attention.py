@@ -1,6 +1,8 @@
 """causal_attention: every CPU-runnable implementation against the plain reference (forward and
 gradient, fp32 and bf16, GQA, packed rows, T not a multiple of the block), TPU/CUDA lowering, errors,
-and memory that grows linearly in T (compile-only memory analysis)."""
+and memory that grows linearly in T (compile-only memory analysis). The reference itself (GQA
+folded into the query rows), and the KV-cache attention built on the same fold, against a per-head
+NumPy version with K/V repeated explicitly."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,14 @@ import numpy as np
 import pytest
 from jax import export
 
-from minicpm_jax.model.dense_attention import causal_attention
+from minicpm_jax.model.attention import cache_attention
+from minicpm_jax.model.dense_attention import (
+    causal_attention,
+    causal_mask,
+    dot_product_attention,
+    fold_groups,
+    unfold_groups,
+)
 
 B, T, HQ, HKV, D = 2, 200, 6, 2, 16  # GQA groups of 3; T = 3 blocks of 64 + 8
 SEGMENTS = np.array([[1] * 37 + [2] * 100 + [3] * 63, [5] * 150 + [0] * 50], np.int32)  # packed, then padding
@@ -54,6 +63,59 @@ def test_matches_reference(name, segments, dtype):
         assert g.dtype == dtype, what
         scale = float(jnp.abs(r).max())
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * scale, rtol=tol, err_msg=what)
+
+
+def _numpy_attention(q, k, v, mask):
+    """float64, one query head at a time: head ``i`` against KV head ``i // G`` (K/V repeated)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(np.asarray(mask)[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+
+
+def _gqa_inputs(kv_heads, t, s, hq=4, d=8):
+    rng = np.random.default_rng(kv_heads)
+    q = rng.standard_normal((2, t, hq, d), np.float32)
+    k, v = (rng.standard_normal((2, s, kv_heads, d), np.float32) for _ in range(2))
+    return q, k, v
+
+
+def test_fold_groups_row_order():
+    """Query head ``h*G + g`` at position ``t`` is row ``t*G + g`` of KV head ``h``; unfold inverts."""
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 6, 3)), jnp.float32)
+    folded = fold_groups(q, 2)
+    assert folded.shape == (2, 2, 15, 3)
+    for t, h, g in ((0, 0, 0), (4, 1, 2), (2, 0, 1), (3, 1, 0)):
+        np.testing.assert_array_equal(folded[:, h, t * 3 + g], q[:, t, h * 3 + g])
+    np.testing.assert_array_equal(unfold_groups(folded, 5), q)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["gqa1", "gqa2", "gqa4"])
+def test_folded_attention_matches_per_head_numpy(kv_heads):
+    """``dot_product_attention`` and the reference ``causal_attention`` (causal mask with packed
+    segments and padding), and ``cache_attention`` (rows at different cache offsets, several key
+    blocks, the last one overlapping), all equal the per-head NumPy attention in fp32."""
+    t = 24
+    q, k, v = _gqa_inputs(kv_heads, t, t)
+    seg = np.array([[1] * 5 + [2] * 12 + [3] * 7, [4] * 18 + [0] * 6], np.int32)
+    idx = np.arange(t)
+    mask = (idx[:, None] >= idx[None, :]) & (seg[:, :, None] == seg[:, None, :])
+    want = _numpy_attention(q, k, v, mask)
+    np.testing.assert_array_equal(causal_mask(jnp.asarray(seg), 2, t), mask)
+    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    ref = causal_attention(*map(jnp.asarray, (q, k, v, seg)), implementation="reference")
+    np.testing.assert_allclose(ref, want, atol=1e-6, rtol=1e-6)
+
+    q, k, v = _gqa_inputs(kv_heads, 6, 40)
+    positions = np.stack([np.arange(30, 36), np.arange(3, 9)])  # row 0 reaches the last (overlapping) block
+    want = _numpy_attention(q, k, v, np.arange(40)[None, None, :] <= positions[:, :, None])
+    for block in (16, 40):
+        got = cache_attention(*map(jnp.asarray, (q, k, v, positions)), block)
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6, err_msg=f"block {block}")
 
 
 def test_packed_documents_are_independent():

@@ -106,7 +106,8 @@ def test_sala_9b_prefill_and_decode_trace_at_full_size():
 def test_blockwise_cache_attention_equals_masked_softmax(block):
     """Prefill chunks attend over the cache block by block (online softmax); blocks that do not divide
     the capacity overlap, and blocks past the last position are skipped."""
-    from minicpm_jax.model.attention import cache_attention, dot_product_attention
+    from minicpm_jax.model.attention import cache_attention
+    from minicpm_jax.model.dense_attention import dot_product_attention
 
     rng = np.random.default_rng(0)
     shapes = ((2, 12, 4, 8), (2, 70, 2, 8), (2, 70, 2, 8))
