@@ -201,10 +201,16 @@ class MiniCPMForCausalLM(nnx.Module):
         return self._run(input_ids, positions, segment_ids, None, collect_io=True)[2]
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """fp32 logits of final hidden states: ``lm_head(h / (hidden/dim_model_base))``."""
+        """fp32 logits of final hidden states: ``lm_head(h / (hidden/dim_model_base))``.
+
+        A tied head contracts ``h`` with the ``[V, H]`` embedding as stored (``"bth,vh->btv"``): no
+        transposed copy of it is made (that copy cost a decode step more than the head's matmul)."""
         h = h / jnp.asarray(self.config.logit_divisor, h.dtype)
-        w = self.model.embed_tokens.weight[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        out = jnp.einsum("bth,hv->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.lm_head is None:
+            w, spec = self.model.embed_tokens.weight[...], "bth,vh->btv"
+        else:
+            w, spec = self.lm_head.kernel[...], "bth,hv->btv"
+        out = jnp.einsum(spec, h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
     def __call__(

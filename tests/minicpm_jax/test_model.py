@@ -91,3 +91,31 @@ def test_model_jits():
 
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, ids), model(ids), atol=1e-5)
     assert jax.eval_shape(lambda x: model(x), ids).shape == (2, 8, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lm_head_logits_equal_h_times_weight(tied):
+    """fp32 logits = (h / logit_divisor) @ embed.T (tied) or @ lm_head.kernel (untied)."""
+    cfg = load_config("tiny-minicpm4", [f"model.tie_word_embeddings={str(tied).lower()}"]).model
+    model = create_model(cfg, seed=5, dtype=jnp.float32)
+    h = np.random.default_rng(5).standard_normal((2, 3, cfg.hidden_size)).astype(np.float32)
+    w = model.model.embed_tokens.weight[...].T if tied else model.lm_head.kernel[...]
+    want = (h.astype(np.float64) / cfg.logit_divisor) @ np.asarray(w, np.float64)
+    got = model.logits(jnp.asarray(h))
+    assert got.dtype == jnp.float32 and got.shape == (2, 3, cfg.vocab_size)
+    np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max(), rtol=1e-5)
+
+
+def test_tied_head_decode_step_has_no_transposed_embedding():
+    """The compiled decode step contracts with the [V, H] embedding as stored: no [H, V] array
+    (a transpose or transposed copy of it) appears anywhere in the optimised HLO."""
+    from flax import nnx
+
+    cfg = load_config("tiny-minicpm4", ["model.vocab_size=520"]).model  # V, H distinct from other dims
+    model = create_model(cfg, dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(1, 16)
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c)[0])
+    hlo = step.lower(state, jnp.zeros((1,), jnp.int32), cache).compile().as_text()
+    assert f"f32[{cfg.vocab_size},{cfg.hidden_size}]" in hlo
+    assert f"[{cfg.hidden_size},{cfg.vocab_size}]" not in hlo
