@@ -29,7 +29,7 @@ from minicpm_jax.interop import load_hf_checkpoint
 from minicpm_jax.interop.files import atomic_directory
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.model.factory import abstract_model, create_model, state_shardings
-from minicpm_jax.paths import as_path, glob_files, local_copy, orbax_path
+from minicpm_jax.paths import as_path, glob_files, local_copy, orbax_path, staged_directory
 
 CONFIG_NAME = "model.yaml"
 
@@ -51,9 +51,10 @@ def save_model(
         checkpointer.save(orbax_path(tmp / "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
         if distributed.is_main():
-            (tmp / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            if tokenizer_source is not None:
-                save_tokenizer(tokenizer_source, tmp)
+            with staged_directory(tmp) as files:  # the tokenizer is copied with local paths
+                (files / CONFIG_NAME).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                if tokenizer_source is not None:
+                    save_tokenizer(tokenizer_source, files)
     return directory
 
 

@@ -146,6 +146,22 @@ def local_copy(path: Path) -> Iterator[Path]:
         yield local
 
 
+@contextlib.contextmanager
+def staged_directory(directory: Path) -> Iterator[Path]:
+    """A local directory whose files land in ``directory`` when the block succeeds, for writers that take
+    local paths only (tokenizer copies): ``directory`` itself when local; for a remote one, a temp dir
+    whose files are uploaded one by one afterwards (replacing files of the same name), then removed."""
+    if not is_remote(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="minicpm-jax-") as tmp:
+        yield Path(tmp)
+        for name, local in files_under(Path(tmp)).items():
+            target = directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            directory.fs.put_file(str(local), target.path)
+
+
 def orbax_path(path):
     """``path`` as orbax takes it: a local ``pathlib.Path`` or an ``etils.epath.Path`` for ``gs://`` /
     ``s3://``; any other scheme raises ``ValueError`` (orbax and tensorstore cannot write there)."""

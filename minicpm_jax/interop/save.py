@@ -24,7 +24,7 @@ from minicpm_jax.data.tokenizer import save_tokenizer
 from minicpm_jax.interop.files import INDEX_NAME, atomic_directory, is_hf_checkpoint, plan_shards, write_json
 from minicpm_jax.interop.formats import export_config, generation_config
 from minicpm_jax.interop.layout import layout, llama_fold_scales, param_variables, to_hf
-from minicpm_jax.paths import as_path, is_remote
+from minicpm_jax.paths import as_path, is_remote, staged_directory
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -78,8 +78,9 @@ def save_hf_checkpoint(
                     "weight_map": {k: f for f, keys in shards for k in keys},
                 },
             )
-        write_json(tmp / "config.json", hf_config)
-        write_json(tmp / "generation_config.json", generation_config(config))
-        if tokenizer_dir is not None:  # its generation_config.json wins over ours
-            save_tokenizer(tokenizer_dir, tmp)
+        with staged_directory(tmp) as files:  # the tokenizer is copied with local paths
+            write_json(files / "config.json", hf_config)
+            write_json(files / "generation_config.json", generation_config(config))
+            if tokenizer_dir is not None:  # its generation_config.json wins over ours
+                save_tokenizer(tokenizer_dir, files)
     return as_path(directory)

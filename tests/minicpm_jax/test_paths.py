@@ -192,22 +192,25 @@ def test_metrics_and_reports_round_trip(roots):
     assert json.loads(local[2]["eval/report.json"])["results"]["arith"]["metrics"] == {"acc": 0.5}
 
 
-def test_safetensors_export_import_round_trip(roots):
+def test_safetensors_export_import_round_trip(roots, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in a local folder named after the URL
     cfg = load_config("tiny-minicpm4").model
     model = create_model(cfg, seed=3, dtype=jnp.float32)
     trees = []
     for root in roots:
-        save_hf_checkpoint(model, cfg, root / "hf", dtype="float32", max_shard_bytes=200_000)
+        save_hf_checkpoint(model, cfg, root / "hf", dtype="float32", max_shard_bytes=200_000, tokenizer_dir="byte")
         assert is_hf_checkpoint(root / "hf")
         cfg2, model2 = load_hf_checkpoint(root / "hf", dtype=jnp.float32)
         assert cfg2 == cfg
         for (p, a), (_, b) in zip(param_variables(model), param_variables(model2), strict=True):
             np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
-        save_hf_checkpoint(model2, cfg2, root / "hf", dtype="float32", max_shard_bytes=200_000)  # replaces its own
-        trees.append(_tree(root))
+        save_hf_checkpoint(model2, cfg2, root / "hf", dtype="float32", max_shard_bytes=200_000, tokenizer_dir="byte")
+        trees.append(_tree(root))  # the second export replaced the first (an earlier output of its kind)
     local, memory = trees
     assert local == memory
     assert "hf/model.safetensors.index.json" in local and sum(n.endswith(".safetensors") for n in local) > 1
+    assert "hf/byte_tokenizer.json" in local and "hf/generation_config.json" in local
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
 
 
 def test_outputs_are_never_replaced_remotely(memory_root):
