@@ -7,16 +7,19 @@ shardings from the annotated parameters and the few activation constraints.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from minicpm_jax.config.schema import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+GRANULES = ("slice_index", "process_index")  # what a hybrid mesh's DCN axes run across, in order of preference
 
 # logical axis name -> mesh axis (or tuple of axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -61,10 +64,50 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor, sequence)`` mesh over ``devices`` (default: all) with Auto axis types."""
+    """A ``(data, fsdp, tensor, sequence)`` mesh with Auto axis types over ``devices`` (in their order;
+    default: all, laid out by ``jax.make_mesh`` for the device topology). With ``cfg.dcn`` the mesh is
+    hybrid (``hybrid_devices``)."""
+    shape = mesh_shape(cfg, len(devices if devices is not None else jax.devices()))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn_shape(cfg)) > 1:
+        return Mesh(hybrid_devices(cfg, shape, devices), MESH_AXES, axis_types=axis_types)
+    if devices is None:
+        return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(tuple(shape.values())), MESH_AXES, axis_types=axis_types)
+
+
+def dcn_shape(cfg: MeshConfig) -> tuple[int, ...]:
+    return tuple(getattr(cfg.dcn, a) for a in MESH_AXES)
+
+
+def hybrid_devices(cfg: MeshConfig, shape: Mapping[str, int], devices=None) -> np.ndarray:
+    """The device array of a hybrid mesh: axis ``a`` of size ``shape[a]`` is ``cfg.dcn.a`` granules times
+    ``shape[a] / cfg.dcn.a`` devices inside one granule, through
+    ``jax.experimental.mesh_utils.create_hybrid_device_mesh``. Granules are TPU slices (``slice_index``)
+    when their count is the product of ``cfg.dcn``, else processes (CPU / GPU hosts) when theirs is."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = tuple(mesh_shape(cfg, len(devices)).values())
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    dcn = dict(zip(MESH_AXES, dcn_shape(cfg)))
+    bad = [f"mesh.{a}={shape[a]} is not divisible by mesh.dcn.{a}={n}" for a, n in dcn.items() if shape[a] % n]
+    if bad:
+        raise ValueError("invalid hybrid mesh: " + "; ".join(bad))
+    count = math.prod(dcn.values())
+    granules = {key: collections.Counter(getattr(d, key, None) for d in devices) for key in GRANULES}
+    key = next((k for k, groups in granules.items() if len(groups) == count and None not in groups), None)
+    if key is None:
+        found = ", ".join(f"{len(g)} {k}" for k, g in granules.items() if None not in g)
+        raise ValueError(
+            f"invalid hybrid mesh: mesh.dcn {dcn} spans {count} slices or processes, but the {len(devices)} "
+            f"devices have {found}; give dcn sizes whose product is one of these"
+        )
+    groups = granules[key]
+    ici = [shape[a] // dcn[a] for a in MESH_AXES]
+    if set(groups.values()) != {math.prod(ici)}:
+        raise ValueError(
+            f"invalid hybrid mesh: each of the {len(groups)} {key} groups needs {math.prod(ici)} devices "
+            f"(mesh {dict(shape)} / dcn {dcn}), they have {sorted(groups.values())}"
+        )
+    process_is_granule = key == "process_index"
+    return mesh_utils.create_hybrid_device_mesh(ici, list(dcn.values()), devices, process_is_granule=process_is_granule)
 
 
 def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:

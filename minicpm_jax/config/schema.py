@@ -160,13 +160,25 @@ class ModelConfig(_Strict):
         return errors
 
 
+class DcnConfig(_Strict):
+    """How many slices (TPU ``slice_index``; elsewhere processes) each mesh axis spans."""
+
+    data: PositiveInt = 1
+    fsdp: PositiveInt = 1
+    tensor: PositiveInt = 1
+    sequence: PositiveInt = 1
+
+
 class MeshConfig(_Strict):
-    """Device mesh sizes; -1 fills the axis with the devices left over (at most one -1)."""
+    """Device mesh sizes; -1 fills the axis with the devices left over (at most one -1). ``dcn``: of
+    each axis's size, the factor laid across slices (the slower data-center network; a hybrid
+    ICI x DCN mesh, ``sharding.make_mesh``), e.g. ``dcn: {data: 2}`` for data parallelism over 2 slices."""
 
     data: StrictInt = 1
     fsdp: StrictInt = -1
     tensor: StrictInt = 1
     sequence: StrictInt = 1
+    dcn: DcnConfig = DcnConfig()
 
 
 class DataConfig(_Strict):
@@ -176,7 +188,11 @@ class DataConfig(_Strict):
     paths: tuple[str, ...] = ()  # files or glob patterns (text sources: one document per record)
     text_field: str = "text"  # JSONL / Parquet column holding the document text
     tokenizer: str | None = None  # a tokenizer directory or file (data.tokenizer.load_tokenizer); None = byte
-    synthetic_tasks: tuple[Literal["arithmetic", "kv_recall", "copy"], ...] = ("arithmetic", "kv_recall", "copy")
+    synthetic_tasks: tuple[Literal["arithmetic", "kv_recall", "copy", "passkey"], ...] = (
+        "arithmetic",
+        "kv_recall",
+        "copy",
+    )
     synthetic_documents: StrictInt = 20000
     seq_len: PositiveInt = 128
     packing: Literal["first_fit", "none"] = "first_fit"  # none: one document (chunk) per padded row

@@ -1,8 +1,9 @@
-"""One process of the multi-host test (test_multihost), on CPU with gloo collectives.
+"""One process of the multi-host tests (test_multihost), on CPU with gloo collectives.
 
 ``python multihost_run.py cli DEVICES ARGS...``: ``minicpm-jax ARGS...`` on DEVICES local devices.
-``python multihost_run.py reference SHARDS RECIPE OVERRIDES...``: one process on 8 devices training on
-the global batches that SHARDS processes would feed (their shards' rows, concatenated in process order).
+``python multihost_run.py reference SHARDS ARGS...``: ``minicpm-jax ARGS...`` as one process on 8
+devices whose training data are the global batches that SHARDS processes would feed (their shards'
+rows, concatenated in process order), so its run can be compared with theirs.
 """
 
 import os
@@ -19,22 +20,13 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-class ShardedSource:
-    """The batches of ``shards`` processes, concatenated row-wise as they are laid out on the mesh."""
+class ShardedIterator:
+    """The batches of ``shards`` processes' data iterators, concatenated row-wise as they lie on the mesh."""
 
-    def __init__(self, cfg, shards: int):
-        from minicpm_jax.data import load_tokenizer, make_train_iterator
+    def __init__(self, iterators):
+        self.iterators = iterators
 
-        kw = {
-            "tokenizer": load_tokenizer(cfg.data.tokenizer),
-            "vocab_size": cfg.model.vocab_size,
-            "max_position_embeddings": cfg.model.max_position_embeddings,
-            "global_batch_size": cfg.train.global_batch_size,
-            "process_count": shards,
-        }
-        self.iterators = [make_train_iterator(cfg.data, process_index=i, **kw) for i in range(shards)]
-
-    def next_batch(self, step, trainer):
+    def __next__(self):
         parts = [next(it) for it in self.iterators]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -47,16 +39,19 @@ class ShardedSource:
 
 
 def main() -> int:
-    if MODE == "cli":
-        from minicpm_jax import cli
+    from minicpm_jax import cli
 
-        return cli.main(sys.argv[3:])
-    from minicpm_jax.config import load_recipe
-    from minicpm_jax.train.loop import run_training
+    if MODE == "reference":
+        from minicpm_jax.data import make_train_iterator
+        from minicpm_jax.train import loop
 
-    cfg = load_recipe(sys.argv[3], sys.argv[4:])
-    run_training(cfg, source=ShardedSource(cfg, COUNT))
-    return 0
+        def sharded(data, *, process_index, process_count, **kw):
+            assert (process_index, process_count) == (0, 1)
+            shards = [make_train_iterator(data, process_index=i, process_count=COUNT, **kw) for i in range(COUNT)]
+            return ShardedIterator(shards)
+
+        loop.make_train_iterator = sharded
+    return cli.main(sys.argv[3:])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Multi-host training on ``jax.distributed``: 2 processes x 4 CPU devices (gloo collectives) train the
 tiny recipe, are stopped by a SIGTERM sent to process 1 only (both save at the same step and exit),
 resume and finish; their per-step losses and final parameters equal those of 1 process x 8 devices
-fed the same global batches (``multihost_run.py reference``)."""
+fed the same global batches (``multihost_run.py reference``); the same for evaluation and conversion."""
 
 import json
 import os
@@ -101,7 +101,17 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
     resumed = _wait(_launch(multi, _free_port()), deadline)
     assert [code for code, _ in resumed] == [0, 0], resumed
     reference = subprocess.run(
-        [sys.executable, RUNNER, "reference", "2", RECIPE, *OVERRIDES, f"train.output_dir={single}"],
+        [
+            sys.executable,
+            RUNNER,
+            "reference",
+            "2",
+            "train",
+            "--config",
+            RECIPE,
+            *OVERRIDES,
+            f"train.output_dir={single}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -157,7 +167,8 @@ def _eval_data(tmp_path) -> dict:
 
 
 def test_two_processes_evaluate_as_one(tmp_path):
-    """``train.eval_tasks`` on a model over both processes (each feeds its rows), and ``eval`` with a
+    """``train.eval_tasks`` on a model over both processes (each feeds its rows; a hybrid mesh with the
+    processes as DCN granules), and ``eval`` with a
     whole model per process (each scores every other batch): the same metrics as one process."""
     tasks = _eval_data(tmp_path)
     recipe = tmp_path / "eval.yaml"
@@ -173,15 +184,16 @@ def test_two_processes_evaluate_as_one(tmp_path):
             stderr=subprocess.PIPE,
         )
 
-    port, eval_port = _free_port(), _free_port()
-    procs = [
-        cli(4, "train", "--config", RECIPE, *_join(port, i), *train, f"train.output_dir={tmp_path / 'multi'}")
+    port, eval_port, multi = _free_port(), _free_port(), tmp_path / "multi"
+    procs = [  # a hybrid mesh: data over the 2 processes (as granules), fsdp over each one's 4 devices
+        cli(4, "train", "--config", RECIPE, *_join(port, i), *train, "mesh.dcn.data=2", f"train.output_dir={multi}")
         for i in range(2)
     ]
     evaluate = ["eval", "--checkpoint", "tiny-minicpm4", "--config", str(recipe)]
     procs += [cli(4, *evaluate, *_join(eval_port, i), "--output", str(tmp_path / "eval-multi")) for i in range(2)]
     procs.append(cli(8, *evaluate, "--output", str(tmp_path / "eval-single")))
-    reference = [sys.executable, RUNNER, "reference", "2", RECIPE, *train, f"train.output_dir={tmp_path / 'single'}"]
+    reference = [sys.executable, RUNNER, "reference", "2", "train", "--config", RECIPE, *train]
+    reference.append(f"train.output_dir={tmp_path / 'single'}")
     procs.append(subprocess.Popen(reference, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     results = _wait(procs, time.monotonic() + TIMEOUT)
     assert [code for code, _ in results] == [0] * 6, results
