@@ -19,6 +19,8 @@ interleaved (``--repeats`` rounds, medians), the generated tokens must be identi
 decode time per token is ``(t(N tokens) - t(1 token)) / (N - 1)``. The weight-streaming bound is the
 parameter bytes over the memory bandwidth measured in the same run (the best of several timed sums
 over a parameter-sized fp32 array, in XLA and in PyTorch): no decode step can read its weights faster.
+The prefill columns time one layer's prompt attention over its KV cache (``cache_attention``, the GQA
+group folded into the query rows) against the same layer's MLP, on random activations.
 
     python benchmarks/generate.py [--contexts 1024 8192 32768] [--batch 1] [--steps 32]
     python benchmarks/generate.py --vs-transformers [--batches 1 8] [--prompt 512] [--new-tokens 64]
@@ -43,6 +45,7 @@ from minicpm_jax.config import load_config
 from minicpm_jax.generate import generate
 from minicpm_jax.interop import save_hf_checkpoint
 from minicpm_jax.model import create_model
+from minicpm_jax.model.attention import cache_attention
 from minicpm_jax.model.cache import KVCache, LightningCache, ModelCache, cache_bytes
 from pallas_kernels.infllm_v2 import DecodeCache, prefill_cache
 
@@ -134,6 +137,22 @@ def bandwidth_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
     return nbytes / best
 
 
+def prefill_layer_ms(model, batch: int, prompt: int, capacity: int, repeats: int) -> tuple[float, float]:
+    """``(attention, MLP)`` ms of one layer on a ``prompt``-token prefill: ``cache_attention`` over a
+    ``capacity``-slot cache, and the layer's MLP on the same tokens (fp32, random inputs)."""
+    cfg, layer = model.config, model.model.layers[0]
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (batch, prompt, hq, d))
+    k, v = (jax.random.normal(key, (batch, capacity, hkv, d)) for key in keys[1:3])
+    positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
+    x = jax.random.normal(keys[3], (batch, prompt, cfg.hidden_size))
+    graphdef, state = nnx.split(layer.mlp)
+    mlp = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    attention = 1000 * median_time(jax.jit(cache_attention), q, k, v, positions, repeats=repeats)
+    return attention, 1000 * median_time(mlp, state, x, repeats=repeats)
+
+
 def vs_transformers(args) -> dict:
     import torch
     import transformers
@@ -158,7 +177,8 @@ def vs_transformers(args) -> dict:
         f"{args.preset}, fp32, random weights, prompt {args.prompt}, {n} new tokens, greedy, {jax.default_backend()}, "
         f"transformers {transformers.__version__} / torch {torch.__version__}\n"
         "| batch | ours s | transformers s | speedup | ours decode ms/token | transformers decode ms/token "
-        "| streaming bound ms | ours / bound | tokens |\n|---|---|---|---|---|---|---|---|---|"
+        "| streaming bound ms | ours / bound | tokens | prefill attention / MLP ms (one layer) |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for batch in args.batches:
@@ -177,6 +197,7 @@ def vs_transformers(args) -> dict:
                 tokens["ours", new], tokens["hf", new], err_msg=f"batch {batch}: tokens differ"
             )
         bound_ms = 1000 * param_bytes / bandwidth_bytes_per_s(param_bytes)
+        attention_ms, mlp_ms = prefill_layer_ms(model, batch, args.prompt, args.prompt + n, args.repeats)
         t = {key: float(np.median(ts)) for key, ts in times.items()}
         decode = {who: 1000 * (t[who, n] - t[who, 1]) / (n - 1) for who in ("ours", "hf")}
         row = {
@@ -191,11 +212,14 @@ def vs_transformers(args) -> dict:
             "bound_ms": bound_ms,
             "ours_over_bound": decode["ours"] / bound_ms,
             "tokens_identical": True,
+            "prefill_attention_ms_per_layer": attention_ms,
+            "prefill_mlp_ms_per_layer": mlp_ms,
         }
         rows.append(row)
         print(
             f"| {batch} | {row['ours_s']:.2f} | {row['transformers_s']:.2f} | {row['speedup']:.2f}x "
-            f"| {decode['ours']:.1f} | {decode['hf']:.1f} | {bound_ms:.1f} | {row['ours_over_bound']:.2f}x | identical |",
+            f"| {decode['ours']:.1f} | {decode['hf']:.1f} | {bound_ms:.1f} | {row['ours_over_bound']:.2f}x | identical "
+            f"| {attention_ms:.0f} / {mlp_ms:.0f} |",
             flush=True,
         )
     return {
