@@ -8,7 +8,7 @@ problem (unknown keys, wrong types, rule violations) into one ``ConfigError``.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
@@ -181,6 +181,16 @@ class MeshConfig(_Strict):
     dcn: DcnConfig = DcnConfig()
 
 
+class TaskRowsConfig(_Strict):
+    """Rows of every global batch made of ``passkey`` / ``mqar`` examples, loss on the answer tokens
+    only, each weighing ``weight`` corpus tokens (``minicpm_jax.train.task_rows``)."""
+
+    task: Literal["passkey", "mqar"]
+    rows: PositiveInt
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    options: dict[str, Any] = {}  # passkey: key_length, min_length; mqar: num_pairs, num_queries, ...
+
+
 class DataConfig(_Strict):
     """Training data: a source, a tokenizer, packing into ``seq_len`` rows (``minicpm_jax.data``)."""
 
@@ -199,6 +209,7 @@ class DataConfig(_Strict):
     shuffle: StrictBool = True
     seed: StrictInt = 0
     eval_documents: StrictInt = 64  # held out (deterministically) for the evaluation loss
+    task_rows: tuple[TaskRowsConfig, ...] = ()  # answer-only retrieval rows mixed into every batch
 
 
 class OptimizerConfig(_Strict):

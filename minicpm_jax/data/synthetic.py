@@ -6,7 +6,10 @@ and identical on every host and run. Tasks (each document ~30-120 bytes):
 - ``arithmetic``: two-digit addition / subtraction / multiplication with worked steps,
   e.g. ``47+38: 40+30=70, 7+8=15, 70+15=85``;
 - ``kv_recall``: a few key=value pairs, then one key is asked back, e.g. ``kv abc=41 xyz=07 | xyz? 07``;
-- ``copy``: copy a random string (``copy: qmxra -> qmxra``) or recall a passkey after filler text.
+- ``copy``: copy a random string (``copy: qmxra -> qmxra``) or recall a passkey after filler text;
+- ``passkey``: the format of the ``passkey`` evaluation task (``minicpm_jax.eval.tasks.retrieval``) with a
+  one-digit key: ``The sky is blue. The pass key is #7. Here we go. What is the pass key? #7``
+  (15-50 bytes of filler or a sentence more, the key sentence at a random sentence boundary: the document fits a 128-token row).
 """
 
 from __future__ import annotations
@@ -15,9 +18,18 @@ import string
 
 import numpy as np
 
-TASKS = ("arithmetic", "kv_recall", "copy")
+TASKS = ("arithmetic", "kv_recall", "copy", "passkey")
 _LETTERS = np.array(list(string.ascii_lowercase))
 _FILLER = ("the grass is green.", "the sky is blue.", "the sun is warm.", "water is wet.", "birds can fly.")
+PASSKEY_FILLER = (  # also the haystack of the passkey / needle evaluation tasks
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+    "The river flows to the sea.",
+    "Birds sing in the morning.",
+)
 
 
 def _arithmetic(rng: np.random.Generator) -> str:
@@ -57,7 +69,16 @@ def _copy(rng: np.random.Generator) -> str:
     return f"passkey {key}. {filler} passkey? {key}"
 
 
-_GENERATORS = {"arithmetic": _arithmetic, "kv_recall": _kv_recall, "copy": _copy}
+def _passkey(rng: np.random.Generator) -> str:
+    sentences, budget = [], int(rng.integers(15, 51))
+    while sum(len(x) + 1 for x in sentences) < budget:
+        sentences.append(PASSKEY_FILLER[int(rng.integers(len(PASSKEY_FILLER)))])
+    key = int(rng.integers(1, 10))
+    sentences.insert(int(rng.integers(len(sentences) + 1)), f"The pass key is #{key}.")
+    return " ".join(sentences) + f" What is the pass key? #{key}"
+
+
+_GENERATORS = {"arithmetic": _arithmetic, "kv_recall": _kv_recall, "copy": _copy, "passkey": _passkey}
 
 
 class SyntheticSource:

@@ -42,7 +42,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from minicpm_jax import distributed
 from minicpm_jax.ckpt import load_any, save_model
 from minicpm_jax.config.schema import Config
-from minicpm_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
+from minicpm_jax.data import load_tokenizer, make_eval_batches
 from minicpm_jax.data.tokenizer import BYTE_TOKENIZER
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
 from minicpm_jax.sharding import make_mesh
@@ -52,9 +52,10 @@ from minicpm_jax.train.frozen import load_frozen
 from minicpm_jax.train.loss import next_token_loss
 from minicpm_jax.train.metrics import MetricsLogger
 from minicpm_jax.train.monitor import StepMonitor, TrainingDiverged
-from minicpm_jax.train.sources import BatchSource, GrainSource, global_batch
+from minicpm_jax.train.sources import BatchSource, global_batch
 from minicpm_jax.train.state import Trainer, create_trainer
 from minicpm_jax.train.step import LossFn, aux_values, check_batch
+from minicpm_jax.train.task_rows import training_source
 
 __all__ = ["ResumeError", "TrainingDiverged", "TrainingStopped", "evaluate", "pretrain_loss", "run_training"]
 
@@ -166,15 +167,7 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
             max_position_embeddings=cfg.model.max_position_embeddings,
         )
         if source is None:
-            source = GrainSource(
-                make_train_iterator(
-                    cfg.data,
-                    global_batch_size=tc.global_batch_size,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                    **data_kw,
-                )
-            )
+            source = training_source(cfg, **data_kw)
         eval_batches = make_eval_batches(cfg.data, batch_size=tc.global_batch_size // tc.micro_batches, **data_kw)
         eval_batches = [distributed.local_rows(b) for b in eval_batches]
         trainer = create_trainer(cfg, mesh, loss_fn or pretrain_loss(cfg), model, frozen=frozen, trainable=trainable)

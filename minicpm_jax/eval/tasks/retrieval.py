@@ -33,19 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpm_jax.data.synthetic import PASSKEY_FILLER as FILLER
 from minicpm_jax.eval import plots
 from minicpm_jax.eval.registry import EvalContext, TaskResult, register
 from minicpm_jax.sharding import mesh_of
 
-FILLER = (
-    "The grass is green.",
-    "The sky is blue.",
-    "The sun is yellow.",
-    "Here we go.",
-    "There and back again.",
-    "The river flows to the sea.",
-    "Birds sing in the morning.",
-)
 _WORDS = np.array(list(string.ascii_lowercase))
 PAD_BUCKET = 16  # sequence widths are rounded up to a multiple of this (fewer compilations)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from minicpm_jax.data import SyntheticSource
@@ -54,6 +55,25 @@ def test_copy_and_passkey_repeat_their_payload():
         kinds.add(doc.split()[0])
         assert left == right, doc
     assert kinds == {"copy:", "passkey"}
+
+
+def test_passkey_documents_use_the_evaluation_format_and_fit_a_128_byte_row():
+    """``passkey`` documents end with the question of the ``passkey`` evaluation task and its answer;
+    the key sentence is the evaluation needle; every document fits one 128-token byte-level row."""
+    from minicpm_jax.data.tokenizer import load_tokenizer
+    from minicpm_jax.eval.tasks.retrieval import passkey_example
+
+    tok = load_tokenizer(None)
+    prompt, answer = passkey_example(tok, np.random.default_rng(0), 80, 0.5, key_length=1)
+    question, text = " What is the pass key? #", tok.decode(prompt)
+    assert text.endswith(question) and f" The pass key is #{tok.decode(answer)}." in text
+    keys = set()
+    for doc in _docs("passkey"):
+        body, key = doc.rsplit(question, 1)
+        assert re.fullmatch(r"[1-9]", key) and body.count(f"The pass key is #{key}.") == 1 and doc.count("#") == 2
+        assert len(tok.encode(doc, add_bos=True)) < 128, doc
+        keys.add(key)
+    assert keys == set("123456789") and len(answer) == 1
 
 
 def test_bad_tasks_and_sizes():

@@ -31,33 +31,6 @@ def _tiny(tmp_path, name="model"):
 KEY_LENGTH = 1  # one-digit keys: a tiny model learns them in a few hundred steps (5 digits need far more)
 
 
-class PasskeyRows:
-    """Training batches of passkey examples (random length and depth, a seed of its own): one example per
-    row, right-padded, the loss on the answer digits only."""
-
-    def __init__(self, tokenizer, rows):
-        self.tok, self.rows, self.count = tokenizer, rows, 0
-
-    def next_batch(self, step, trainer):
-        ids = np.zeros((self.rows, TRAIN_LEN + 1), np.int32)
-        mask = np.zeros((self.rows, TRAIN_LEN), np.float32)
-        for r in range(self.rows):
-            rng = np.random.default_rng([12345, self.count, r])
-            prompt, answer = passkey_example(
-                self.tok, rng, int(rng.integers(56, TRAIN_LEN - 5)), float(rng.random()), key_length=KEY_LENGTH
-            )
-            ids[r, : len(prompt) + len(answer)] = prompt + answer
-            mask[r, len(prompt) - 1 : len(prompt) + len(answer) - 1] = 1.0
-        self.count += 1
-        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
-
-    def get_state(self):
-        return {"count": self.count}
-
-    def set_state(self, state):
-        self.count = state["count"]
-
-
 def test_examples_are_deterministic_and_exact_length(tmp_path):
     _, tok = _tiny(tmp_path)
     for make in (passkey_example, lambda t, r, n, d: needle_example(t, r, n, d, num_distractors=2)):
@@ -103,7 +76,6 @@ def _shuffled(model, seed=0):
 
 
 def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
-    _, tok = _tiny(tmp_path, "tok")
     steps, rows = 400, 16
     cfg = load_config(
         "tiny-minicpm4",
@@ -121,10 +93,11 @@ def test_trained_passkey_model_retrieves_and_shuffled_weights_do_not(tmp_path):
             "optimizer.learning_rate=0.01",
             "optimizer.warmup_steps=20",
             f"optimizer.decay_steps={steps // 4}",
+            f"data.task_rows=[{{task: passkey, rows: {rows}, options: {{key_length: {KEY_LENGTH}, min_length: 56}}}}]",
         ],
     )
     start = time.perf_counter()
-    run_training(cfg, source=PasskeyRows(tok, rows))
+    run_training(cfg)  # every row a passkey example (data.task_rows), the loss on the key only
     print(f"passkey training: {time.perf_counter() - start:.1f} s")
     _, model = load_model(tmp_path / "run" / "final", dtype=jnp.float32)
     tok = load_tokenizer(tmp_path / "run" / "final")
