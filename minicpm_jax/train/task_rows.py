@@ -3,10 +3,11 @@ the ``passkey`` and ``mqar`` evaluation tasks, the loss on the answer tokens onl
 packed corpus rows.
 
 A tiny model does not learn retrieval from plain next-token loss at toy budgets: the answer is one
-token among thousands and the uniform guess is a deep plateau (a 12-layer hidden-64 MiniCPM4 stays at
+token among thousands and the uniform guess is a deep plateau (a 2-layer hidden-64 MiniCPM4 stayed at
 chance on one-digit passkeys after 1,500 steps of a passkey-only corpus). With the loss on the answers
-it reaches 100% in 400 steps. Each entry gives ``rows`` of every global batch (split evenly over the
-processes) and a loss ``weight`` per answer token (corpus tokens weigh 1). Examples depend only on
+only, a 12-layer one reached 100% at 64-512 tokens in 400 steps (batch 16, seq_len 128). Each entry
+gives ``rows`` of every global batch (split evenly over the processes) and a loss ``weight`` per answer
+token (corpus tokens weigh 1). Examples depend only on
 ``(data.seed, entry, step, process, row)``, a stream of their own, never the evaluation's examples.
 
 Options: ``passkey``: ``key_length`` (default 1), ``min_length`` (default ``seq_len // 2``; lengths are
