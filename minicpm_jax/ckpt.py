@@ -75,7 +75,7 @@ def load_model(
     if mesh is not None:
         shardings = nnx.to_pure_dict(state_shardings(state, mesh))
     else:
-        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), nnx.to_pure_dict(state))
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), nnx.to_pure_dict(state))
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), shardings
     )

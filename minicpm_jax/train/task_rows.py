@@ -19,7 +19,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
+
+from minicpm_jax.data import make_train_iterator
+from minicpm_jax.train.sources import GrainSource
 
 if TYPE_CHECKING:
     from minicpm_jax.config.schema import TaskRowsConfig
@@ -138,11 +142,6 @@ class TaskRowMix:
 def training_source(cfg, *, tokenizer, vocab_size: int, max_position_embeddings: int):
     """The default ``BatchSource`` of a run config: its packed corpus (``GrainSource``) with
     ``data.task_rows`` appended to every batch; all rows task rows when they fill the batch."""
-    import jax
-
-    from minicpm_jax.data import make_train_iterator
-    from minicpm_jax.train.sources import GrainSource
-
     entries, total = cfg.data.task_rows, cfg.train.global_batch_size
     task = task_row_count(entries)
     if task > total:

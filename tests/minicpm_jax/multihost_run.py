@@ -43,14 +43,14 @@ def main() -> int:
 
     if MODE == "reference":
         from minicpm_jax.data import make_train_iterator
-        from minicpm_jax.train import loop
+        from minicpm_jax.train import task_rows
 
         def sharded(data, *, process_index, process_count, **kw):
             assert (process_index, process_count) == (0, 1)
             shards = [make_train_iterator(data, process_index=i, process_count=COUNT, **kw) for i in range(COUNT)]
             return ShardedIterator(shards)
 
-        loop.make_train_iterator = sharded
+        task_rows.make_train_iterator = sharded
     return cli.main(sys.argv[3:])
 
 

@@ -13,12 +13,15 @@ import time
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from minicpm_jax import distributed
-from minicpm_jax.ckpt import load_model
+from minicpm_jax.ckpt import load_model, save_model
+from minicpm_jax.config import load_config
+from minicpm_jax.model import create_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -211,6 +214,59 @@ def test_two_processes_evaluate_as_one(tmp_path):
 
     assert report(tmp_path / "eval-multi") == report(tmp_path / "eval-single")  # bit for bit
     assert sorted(p.name for p in (tmp_path / "eval-multi").iterdir()) == ["report.json", "report.md"]
+
+
+def test_two_processes_convert_as_one(tmp_path):
+    """``minicpm-jax convert`` (transfer, an align and a kl stage on the engine, mixer_types given) on 2
+    processes: the same per-step losses and hybrid as 1 process fed the same global batches. (Adam's eps
+    is 1e-6: with the default 1e-8, the near-zero gradients of a few Lightning weights get normalised
+    to lr-sized steps, and their summation-order noise moves those weights by up to 1e-5.)"""
+    cfg = load_config("tiny-minicpm4", ["model.num_hidden_layers=2", "model.vocab_size=320"]).model
+    teacher = save_model(
+        create_model(cfg, seed=1, dtype=jnp.float32), cfg, tmp_path / "teacher", tokenizer_source="byte"
+    )
+    recipe = {
+        "teacher": str(teacher),
+        "mesh": {"data": 2, "fsdp": 4},
+        "dtype": "float32",
+        "data": {"source": "synthetic", "seq_len": 32, "synthetic_documents": 200, "eval_documents": 0},
+        "optimizer": {"learning_rate": 0.01, "schedule": "constant", "eps": 1e-6},
+        "train": {"global_batch_size": 8, "steps": 2, "log_every": 1, "checkpoint_every": 100},
+        "convert": {"mixer_types": ["minicpm4", "lightning-attn"], "export_hf": False},
+        "stages": [{"name": "align", "loss": "align"}, {"name": "kl", "loss": "kl"}],
+    }
+    (tmp_path / "convert.yaml").write_text(json.dumps(recipe))
+    convert = ["convert", "--config", str(tmp_path / "convert.yaml")]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, RUNNER, "cli", "4", *convert, *_join(port, i), f"output_dir={tmp_path / 'multi'}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    reference = [sys.executable, RUNNER, "reference", "2", *convert, f"output_dir={tmp_path / 'single'}"]
+    procs.append(subprocess.Popen(reference, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    results = _wait(procs, time.monotonic() + TIMEOUT)
+    assert [code for code, _ in results] == [0, 0, 0], results
+
+    for stage in ("stage-1-align", "stage-2-kl"):
+        got, want = (_stage_losses(tmp_path / run / stage) for run in ("multi", "single"))
+        assert len(want) == 2, want
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # kl losses near 0: absolute 1e-7
+    for stage in ("stage-1-align", "stage-2-kl"):
+        finals = (_params(tmp_path / run / stage / "final") for run in ("multi", "single"))
+        for a, b in zip(*finals, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    summaries = [json.loads((tmp_path / run / "conversion.json").read_text()) for run in ("multi", "single")]
+    assert summaries[0]["mixer_types"] == summaries[1]["mixer_types"] == ["minicpm4", "lightning-attn"]
+    assert not list(tmp_path.glob("multi/**/.*tmp*"))
+
+
+def _stage_losses(stage_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def _join(port: int, process_id: int) -> list[str]:
