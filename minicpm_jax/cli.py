@@ -28,6 +28,7 @@ from rich.table import Table
 from minicpm_jax import distributed
 from minicpm_jax.config import ConfigError, build_config, load_config
 from minicpm_jax.config.loading import apply_overrides
+from minicpm_jax.paths import as_path
 from minicpm_jax.safety import check_output, check_recipe_file, check_run_dir, jsonl_output, writing
 from minicpm_jax.sharding import mesh_shape
 
@@ -308,7 +309,7 @@ def cmd_generate(args) -> None:
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
     start = time.perf_counter()
     if args.output:  # opened (and its disk checked) before generating; every process generates, process 0 writes
-        with jsonl_output(Path(args.output)) if distributed.is_main() else open(os.devnull, "w") as f:
+        with jsonl_output(as_path(args.output)) if distributed.is_main() else open(os.devnull, "w") as f:
             for record in run_requests(model, tokenizer, requests, batch_size=args.batch_size, seed=args.seed):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         console.print(f"{len(requests)} completions -> {args.output} in {time.perf_counter() - start:.1f}s")

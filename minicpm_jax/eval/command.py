@@ -12,6 +12,7 @@ from rich.table import Table
 from minicpm_jax import distributed
 from minicpm_jax.config import ConfigError, build_config
 from minicpm_jax.config.loading import apply_overrides
+from minicpm_jax.paths import as_path
 from minicpm_jax.safety import check_output, check_recipe_file
 
 EVAL_RECIPE_KEYS = ("tasks", "batch_size", "seed", "output_dir", "mesh", "dtype", "param_dtype")
@@ -64,7 +65,7 @@ def run_eval(args, console) -> None:
 
         from minicpm_jax.eval.harness import run_harness
 
-        output = Path(args.output or "outputs/eval")
+        output = as_path(args.output or "outputs/eval")
         check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer])
         distributed.barrier("minicpm_jax.eval.checked")
         tasks = [t for t in args.lm_eval.split(",") if t]
@@ -93,7 +94,7 @@ def run_eval(args, console) -> None:
         raise ConfigError(["model.*: eval takes the model from --checkpoint; only mesh.*, dtype, param_dtype, seed"])
     cfg = build_config(apply_overrides(run, overrides))
     mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides) or "mesh" in run else None
-    output = Path(args.output or recipe.get("output_dir") or "outputs/eval")
+    output = as_path(args.output or recipe.get("output_dir") or "outputs/eval")
     normalize_tasks(recipe["tasks"])  # an unknown task is reported before the output is checked
     check_output(output, overwrite=args.overwrite, sources=[args.checkpoint, args.tokenizer, args.config])
     distributed.barrier("minicpm_jax.eval.checked")  # every host checked the output before process 0 writes

@@ -45,6 +45,7 @@ from minicpm_jax.config.schema import Config
 from minicpm_jax.data import load_tokenizer, make_eval_batches
 from minicpm_jax.data.tokenizer import BYTE_TOKENIZER
 from minicpm_jax.model.decoder import MiniCPMForCausalLM
+from minicpm_jax.paths import as_path
 from minicpm_jax.sharding import make_mesh
 from minicpm_jax.train.checkpoint import ResumeError, TrainCheckpointer
 from minicpm_jax.train.flops import peak_flops_per_device, train_flops_per_token
@@ -137,7 +138,7 @@ def run_training(
 def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices=None) -> Run:
     """Checkpointer and metrics first (an unwritable output or a refused resume fails before any compute),
     then mesh (over ``devices``, default all), weights, frozen state, data, trainer and monitor."""
-    tc, out = cfg.train, Path(cfg.train.output_dir)
+    tc, out = cfg.train, as_path(cfg.train.output_dir)
     if tc.resume == "fresh" and distributed.is_main():
         _move_run_aside(out, console)
     distributed.barrier("minicpm_jax.train.prepare")
