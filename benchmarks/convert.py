@@ -7,7 +7,8 @@ Tables:
    compile step, stepped round-robin so machine noise hits them alike; random tokens, unpacked rows);
 2. the toy demonstration, every model on the same corpus (the recipe's data) and one held-out measure
    (``perplexity`` eval task on configs/recipes/data/synthetic-eval.jsonl; loss = log perplexity =
-   mean NLL per token), plus MQAR (kv_recall format, 1 query) and copy / passkey exact match:
+   mean NLL per token), plus passkey retrieval (one-digit keys, 64-512 tokens), MQAR (kv_recall
+   format, 1 query) and copy / passkey exact match:
    the teacher; the converted hybrid (the recipe, layers selected by the CS/RT proxies); the same hybrid
    architecture trained from scratch (LM loss) on the same number of tokens as the conversion stages;
    an "all-Lightning" conversion (only layer 0 softmax: at least one softmax layer is required); and
@@ -54,19 +55,28 @@ HELD_OUT = str(ROOT / "configs/recipes/data/synthetic-eval.jsonl")
 PPL = {"task": "perplexity", "paths": [HELD_OUT], "max_length": 128, "stride": 64}
 
 
-def eval_tasks(mqar_samples: int, copy_examples: int) -> dict:
+PASSKEY_LENGTHS = (64, 128, 256, 512)  # the teacher trained on 128-token rows
+
+
+def eval_tasks(mqar_samples: int, copy_examples: int, passkey_samples: int) -> dict:
+    """seed 123 for passkey: not the examples the selection proxy (seed 0) scored."""
+    passkey = {"task": "passkey", "lengths": list(PASSKEY_LENGTHS), "depths": [0.0, 0.5, 1.0], "key_length": 1}
     return {
         "ppl": PPL,
+        "passkey": passkey | {"num_samples": passkey_samples, "seed": 123},
         "mqar": {"task": "mqar", "num_pairs": [3, 4, 6], "num_queries": 1, "num_samples": mqar_samples},
         "copy": {"task": "exact_match", "dataset": "copy", "num_examples": copy_examples},
     }
 
 
 def scores(model, tasks: dict, tokenizer) -> dict:
-    """Held-out loss (log perplexity), MQAR accuracy (mean and per pair count) and copy/passkey exact match."""
+    """Held-out loss (log perplexity), passkey accuracy (mean and per length), MQAR accuracy (mean and per
+    pair count) and copy/passkey exact match."""
     res = evaluate(model, tasks, tokenizer=tokenizer, batch_size=16, seed=0)
     mqar = res["mqar"]["metrics"]
     out = {"loss": math.log(res["ppl"]["metrics"]["perplexity"]), "mqar": mqar["acc"]}
+    out |= {"passkey": res["passkey"]["metrics"]["acc"]}
+    out |= {f"passkey_{n}": res["passkey"]["metrics"][f"acc_len_{n}"] for n in PASSKEY_LENGTHS}
     out |= {f"mqar_{k.rsplit('_', 1)[1]}": v for k, v in mqar.items() if k.startswith("acc_")}
     return out | {"copy_em": res["copy"]["metrics"]["exact_match"]}
 
@@ -174,6 +184,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random softmax-layer choice")
     p.add_argument("--mqar-samples", type=int, default=64)
     p.add_argument("--copy-examples", type=int, default=32)
+    p.add_argument("--passkey-samples", type=int, default=16, help="per length x depth cell")
     p.add_argument("--no-random", action="store_true", help="skip the random-layer conversion")
     p.add_argument("--quick", action="store_true", help="10 steps per stage, few eval samples (smoke test)")
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/convert_cpu.json"))
@@ -183,10 +194,10 @@ def main() -> None:
         args.overrides = [f"stages.{s}.train.steps=10" for s in ("align", "distill", "continual")]
         mqar = "{task: mqar, metric: acc, num_pairs: [3, 4, 6], num_queries: 1, num_samples: 8}"
         args.overrides.append(f"convert.selection.retrieval=[{mqar}]")
-        args.steps, args.mqar_samples, args.copy_examples = 3, 8, 8
+        args.steps, args.mqar_samples, args.copy_examples, args.passkey_samples = 3, 8, 8, 1
         args.out += "-quick"
     console = Console(stderr=True)
-    tasks = eval_tasks(args.mqar_samples, args.copy_examples)
+    tasks = eval_tasks(args.mqar_samples, args.copy_examples, args.passkey_samples)
     tokenizer = load_tokenizer(None)
     _, teacher = load_any(args.teacher, dtype=jnp.float32, param_dtype=jnp.float32)
     n = teacher.config.num_hidden_layers
@@ -238,7 +249,7 @@ def main() -> None:
         [[r["step"], r["step_ms"], r["tokens_per_s"], r["vs_lm"]] for r in results["throughput"]],
     )
     table(
-        "Selection (each candidate converted alone; CS = -bits/byte, RT = MQAR acc)",
+        "Selection (each candidate converted alone; CS = -bits/byte, RT = the recipe's retrieval proxy)",
         ["layer", "CS", "RT", "score", "softmax"],
         [[r["layer"], r["cs"], r["rt"], r["score"], r["softmax"]] for r in selection["rows"]],
     )
@@ -246,14 +257,23 @@ def main() -> None:
     table(
         f"Toy demonstration (conversion stages: {tokens} tokens; mixer_types softmax at "
         f"{[i for i, k in enumerate(types) if k == SOFTMAX]})",
-        ["model", "held-out loss", "vs teacher", "MQAR 3/4/6 pairs", "MQAR mean", "copy/passkey EM"],
+        [
+            "model",
+            "held-out loss",
+            "vs teacher",
+            "passkey " + "/".join(map(str, PASSKEY_LENGTHS)),
+            "passkey mean",
+            "MQAR 3/4/6 pairs",
+            "copy/passkey EM",
+        ],
         [
             [
                 name,
                 m["loss"],
                 f"{m['loss'] / teacher_loss - 1:+.1%}",
+                "/".join(f"{m[f'passkey_{n}']:.2f}" for n in PASSKEY_LENGTHS),
+                m["passkey"],
                 "/".join(f"{m[f'mqar_{k}']:.2f}" for k in (3, 4, 6)),
-                m["mqar"],
                 m["copy_em"],
             ]
             for name, m in results["models"].items()

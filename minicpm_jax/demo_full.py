@@ -236,6 +236,7 @@ class FullDemo:
             f"convert.softmax_ratio={b.softmax_ratio}",
             "convert.export_hf=false",
             f"data.synthetic_tasks=[{','.join(self.cfg.data.synthetic_tasks)}]",
+            "data.task_rows=[]",  # the step-1 model's data: no task rows
             f"train.global_batch_size={b.batch}",
             f"optimizer.warmup_steps={min(10, b.align // 5)}",
             f"stages.align.train.steps={b.align}",
