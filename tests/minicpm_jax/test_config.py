@@ -91,7 +91,7 @@ def test_every_problem_reported_at_once():
         "model.num_attention_heads: 5 does not divide model.hidden_size 64",
         "model.num_key_value_heads: 3 must be a positive divisor of num_attention_heads 5",
         "model.mixer_types: unknown mixer type(s) ['mamba']; allowed: ['minicpm4', 'lightning-attn']",
-        "mesh.tensr: unknown key; allowed keys: data, fsdp, sequence, tensor",
+        "mesh.tensr: unknown key; allowed keys: data, dcn, fsdp, sequence, tensor",
     ):
         assert needle in text, (needle, text)
     assert "model.rope_scaling.long_factor: has 8 values, head_dim/2 is 6" in text  # 64 // 5 = 12
