@@ -32,33 +32,30 @@ _STREAM = 7919  # separates these examples' seeds from the evaluation's ([seed, 
 
 
 def passkey_row(
-    tok, rng: np.random.Generator, seq_len: int, key_length: int = 1, min_length: int | None = None, shortest=False
+    tok, rng: np.random.Generator, seq_len: int, key_length: int = 1, min_length: int | None = None, extreme=False
 ):
     """``(tokens, answer spans)`` of one passkey example of random length and depth within ``seq_len``
-    (``shortest``: of the shortest length, to check the options)."""
+    (``extreme``: of the shortest length, to check the options)."""
     from minicpm_jax.eval.tasks.retrieval import passkey_example
 
     top = seq_len - key_length
     low = min(top, seq_len // 2 if min_length is None else min_length)
-    length = low if shortest else int(rng.integers(low, top + 1))
+    length = low if extreme else int(rng.integers(low, top + 1))
     prompt, answer = passkey_example(tok, rng, length, float(rng.random()), key_length)
     return prompt + answer, [(len(prompt), len(prompt) + len(answer))]
 
 
-def mqar_row(tok, rng: np.random.Generator, seq_len: int, num_pairs=(2, 4, 8), **options):
-    """``(tokens, answer spans)`` of one MQAR example with a number of pairs drawn from ``num_pairs``."""
+def mqar_row(tok, rng: np.random.Generator, seq_len: int, num_pairs=(2, 4, 8), extreme=False, **options):
+    """``(tokens, answer spans)`` of one MQAR example with a number of pairs drawn from ``num_pairs``
+    (``extreme``: the most pairs, to check the options)."""
     from minicpm_jax.eval.tasks.recall import mqar_example
 
-    n = int(rng.choice(list(num_pairs)))
+    n = max(num_pairs) if extreme else int(rng.choice(list(num_pairs)))
     queries = options.pop("num_queries", 1)
     return mqar_example(tok, rng, n, min(queries, n), **options)
 
 
 ROW_MAKERS = {"passkey": passkey_row, "mqar": mqar_row}
-
-
-def task_row_count(entries) -> int:
-    return sum(e.rows for e in entries)
 
 
 class TaskRowMix:
@@ -83,10 +80,8 @@ class TaskRowMix:
         self.corpus, self.entries, self.tok, self.seq_len = corpus, entries, tokenizer, seq_len
         self.seed, self.process, self.local = seed, process_index, [e.rows // process_count for e in entries]
         self.count, self.pad = 0, tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        self.make(0)  # options are checked before the first step
-        for e in entries:
-            if e.task == "passkey":
-                self._example(e, np.random.default_rng(0), shortest=True)
+        for e in entries:  # options are checked before the first step, on their extreme example
+            self._example(e, np.random.default_rng(0), extreme=True)
 
     def make(self, count: int) -> dict[str, np.ndarray]:
         """This process's task rows of batch ``count`` (0-based): ``[rows, seq_len]`` arrays in the
@@ -128,7 +123,7 @@ class TaskRowMix:
         if self.corpus is None:
             return rows
         corpus = self.corpus.next_batch(step, trainer)
-        return {k: np.concatenate([np.asarray(corpus[k]), rows[k].astype(np.asarray(corpus[k]).dtype)]) for k in rows}
+        return {k: np.concatenate([corpus[k], rows[k]]) for k in rows}
 
     def get_state(self) -> dict:
         return {"count": self.count, "corpus": None if self.corpus is None else self.corpus.get_state()}
@@ -143,7 +138,7 @@ def training_source(cfg, *, tokenizer, vocab_size: int, max_position_embeddings:
     """The default ``BatchSource`` of a run config: its packed corpus (``GrainSource``) with
     ``data.task_rows`` appended to every batch; all rows task rows when they fill the batch."""
     entries, total = cfg.data.task_rows, cfg.train.global_batch_size
-    task = task_row_count(entries)
+    task = sum(e.rows for e in entries)
     if task > total:
         raise ValueError(f"data.task_rows: {task} rows in all, more than train.global_batch_size {total}")
     corpus = None

@@ -78,7 +78,7 @@ def test_rows_filling_the_batch_need_no_corpus_and_seeds_give_other_examples():
         ("[{task: passkey, rows: 9}]", "9 rows in all, more than train.global_batch_size 8"),
         ("[{task: passkey, rows: 2, options: {depth: 1}}]", "passkey options {'depth': 1}"),
         ("[{task: passkey, rows: 2, options: {min_length: 10}}]", "context too short"),
-        ("[{task: mqar, rows: 2, options: {num_pairs: [40]}}]", "tokens; seq_len is 128"),
+        ("[{task: mqar, rows: 2, options: {num_pairs: [2, 40]}}]", "tokens; seq_len is 128"),
     ],
 )
 def test_bad_entries_fail_with_one_clear_error(task_rows, message):
