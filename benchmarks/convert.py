@@ -20,6 +20,7 @@ Conversions are resumable: a rerun with the same ``--out`` reuses finished stage
 
     python benchmarks/convert.py                  # ~20 min on 2 CPU cores, after the teacher recipe
     python benchmarks/convert.py --quick          # few steps, smoke test
+    python benchmarks/convert.py --set stages.distill.train.steps=300   # any recipe override, repeatable
 """
 
 from __future__ import annotations
@@ -187,11 +188,12 @@ def main() -> None:
     p.add_argument("--passkey-samples", type=int, default=16, help="per length x depth cell")
     p.add_argument("--no-random", action="store_true", help="skip the random-layer conversion")
     p.add_argument("--quick", action="store_true", help="10 steps per stage, few eval samples (smoke test)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/convert_cpu.json"))
     args = p.parse_args()
-    args.overrides = []
+    args.overrides = list(args.set)
     if args.quick:
-        args.overrides = [f"stages.{s}.train.steps=10" for s in ("align", "distill", "continual")]
+        args.overrides += [f"stages.{s}.train.steps=10" for s in ("align", "distill", "continual")]
         mqar = "{task: mqar, metric: acc, num_pairs: [3, 4, 6], num_queries: 1, num_samples: 8}"
         args.overrides.append(f"convert.selection.retrieval=[{mqar}]")
         args.steps, args.mqar_samples, args.copy_examples, args.passkey_samples = 3, 8, 8, 1
@@ -201,7 +203,7 @@ def main() -> None:
     tokenizer = load_tokenizer(None)
     _, teacher = load_any(args.teacher, dtype=jnp.float32, param_dtype=jnp.float32)
     n = teacher.config.num_hidden_layers
-    results = {"teacher": args.teacher, "devices": str(jax.devices()), "models": {}}
+    results = {"teacher": args.teacher, "overrides": args.overrides, "devices": str(jax.devices()), "models": {}}
     results["models"]["teacher (dense)"] = scores(teacher, tasks, tokenizer)
 
     selected, recipe = convert(args, "selected", console=console)

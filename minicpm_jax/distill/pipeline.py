@@ -173,6 +173,11 @@ def run_distill(recipe: DistillRecipe, console: Console | None = None) -> dict:
     dtype, param_dtype = jnp.dtype(recipe.dtype), jnp.dtype(recipe.param_dtype)
     student_tok, teacher_tok = tokenizer_of(recipe.student), tokenizer_of(recipe.teacher)
     devices, split = jax.devices(), recipe.teacher_devices
+    if split and jax.process_count() > 1:
+        raise ValueError(
+            f"teacher_devices={split}: a teacher on its own devices needs one process ({jax.process_count()} "
+            "running); with several, keep the teacher in the student's mesh (teacher_devices: 0)"
+        )
     if split and split >= len(devices):
         raise ValueError(f"teacher_devices={split}: only {len(devices)} devices, none would be left for the student")
     student_devices = devices[: len(devices) - split]

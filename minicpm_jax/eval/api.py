@@ -8,8 +8,8 @@ name, or any name when the options hold ``task: <registered name>`` (to run one 
 With several processes (``minicpm_jax.distributed``) every process calls ``evaluate`` with the same
 arguments; log-likelihood scoring splits its batches across them (``eval.scoring``) and all return
 the same metrics; only process 0 writes plots. A model laid over the devices of several processes
-runs the scoring tasks (``SHARED_MODEL_TASKS``) only: generation and span scoring read their arrays on
-one host.
+runs every task: generation and span scoring gather their outputs to every host
+(``distributed.to_host``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flax import nnx
-
 from minicpm_jax import distributed
 from minicpm_jax.eval.registry import TASKS, EvalContext, run_task
-from minicpm_jax.sharding import mesh_of
 
 
 def normalize_tasks(tasks) -> dict[str, tuple[str, dict]]:
@@ -44,20 +41,6 @@ def normalize_tasks(tasks) -> dict[str, tuple[str, dict]]:
     return out
 
 
-SHARED_MODEL_TASKS = ("perplexity", "multiple_choice")  # built on eval.scoring, which feeds every process's rows
-
-
-def check_shared_model_tasks(tasks, where: str = "eval") -> None:
-    """``ValueError`` naming the tasks that cannot run on a model over several processes."""
-    refused = sorted({name for name, _ in normalize_tasks(tasks).values()} - set(SHARED_MODEL_TASKS))
-    if refused:
-        raise ValueError(
-            f"{where}: task(s) {refused} cannot run on a model spread over several processes yet (accepted: "
-            f"{list(SHARED_MODEL_TASKS)}); run them with `minicpm-jax eval` and no mesh.* override (each "
-            "process then holds the whole model)"
-        )
-
-
 def evaluate(
     model,
     tasks,
@@ -71,8 +54,6 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} (accepted: an integer >= 1)")
     plots = Path(output_dir) if output_dir is not None and distributed.is_main() else None
-    if distributed.spans_processes(mesh_of(nnx.state(model))):
-        check_shared_model_tasks(tasks)
     ctx = EvalContext(model, tokenizer, batch_size, seed, plots)
     results = {}
     for label, (name, options) in normalize_tasks(tasks).items():

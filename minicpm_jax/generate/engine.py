@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpm_jax.distributed import to_host
 from minicpm_jax.generate.sampling import SamplingArrays, SamplingParams, sample, sampling_arrays
 from minicpm_jax.model.cache import ModelCache
 from minicpm_jax.sharding import constrain, mesh_of
@@ -133,7 +134,7 @@ def generate(
             loop = _decode(graphdef, state, loop, request, until, pad_id)
             if on_tokens:
                 _emit(on_tokens, loop, step, int(loop.step), batch)
-    out = jax.device_get(loop)
+    out = jax.tree.map(to_host, loop._replace(cache=None))
     return GenerationResult(
         tokens=np.asarray(out.tokens[:batch]),
         lengths=np.asarray(out.count[:batch]),
@@ -215,7 +216,7 @@ def _data_parallel(mesh) -> int:
 
 
 def _emit(on_tokens, loop: _Loop, start: int, stop: int, batch: int) -> None:
-    tokens, count = jax.device_get((loop.tokens[:batch, start:stop], loop.count[:batch]))
+    tokens, count = to_host(loop.tokens)[:batch, start:stop], to_host(loop.count)[:batch]
     on_tokens(np.asarray(tokens), np.arange(start, stop)[None, :] < np.asarray(count)[:, None])
 
 

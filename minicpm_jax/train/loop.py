@@ -155,10 +155,6 @@ def prepare_run(cfg, loss_fn, model, frozen, trainable, source, console, devices
                 console.print(f"[yellow]train.init_from={tc.init_from}: using its model config, not the recipe's[/]")
                 cfg = cfg.model_copy(update={"model": model_cfg})
         checkpointer.latest_config(functools.partial(_check_resume, cfg, None))  # refused before any compute
-        if tc.eval_tasks and distributed.spans_processes(mesh):
-            from minicpm_jax.eval.api import check_shared_model_tasks
-
-            check_shared_model_tasks(tc.eval_tasks, "train.eval_tasks")
         if frozen is None:
             frozen = load_frozen(tc.frozen, mesh=mesh, dtype=dtypes["dtype"])
         tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -1,7 +1,8 @@
 """Multi-host training on ``jax.distributed``: 2 processes x 4 CPU devices (gloo collectives) train the
 tiny recipe, are stopped by a SIGTERM sent to process 1 only (both save at the same step and exit),
 resume and finish; their per-step losses and final parameters equal those of 1 process x 8 devices
-fed the same global batches (``multihost_run.py reference``); the same for evaluation and conversion."""
+fed the same global batches (``multihost_run.py reference``); the same for evaluation, conversion and
+on-policy distillation."""
 
 import json
 import os
@@ -166,12 +167,13 @@ def _eval_data(tmp_path) -> dict:
     return {
         "ppl": {"task": "perplexity", "paths": str(text), "max_length": 64},
         "mc": {"task": "multiple_choice", "path": str(choices)},
+        "pk": {"task": "passkey", "lengths": [64], "depths": [0.5], "num_samples": 3, "key_length": 1},
     }
 
 
 def test_two_processes_evaluate_as_one(tmp_path):
     """``train.eval_tasks`` on a model over both processes (each feeds its rows; a hybrid mesh with the
-    processes as DCN granules), and ``eval`` with a
+    processes as DCN granules; span scoring gathered to every host), and ``eval`` with a
     whole model per process (each scores every other batch): the same metrics as one process."""
     tasks = _eval_data(tmp_path)
     recipe = tmp_path / "eval.yaml"
@@ -206,14 +208,15 @@ def test_two_processes_evaluate_as_one(tmp_path):
         return {k: v for k, v in record.items() if k.startswith("eval/")}
 
     got, want = final_metrics(tmp_path / "multi"), final_metrics(tmp_path / "single")
-    assert sorted(got) == sorted(want) and {"eval/ppl/perplexity", "eval/mc/acc"} <= set(got), got
+    assert sorted(got) == sorted(want) and {"eval/ppl/perplexity", "eval/mc/acc", "eval/pk/acc"} <= set(got), got
     np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6, atol=0)
 
     def report(out) -> dict:
         return {k: r["metrics"] for k, r in json.loads((out / "report.json").read_text())["results"].items()}
 
     assert report(tmp_path / "eval-multi") == report(tmp_path / "eval-single")  # bit for bit
-    assert sorted(p.name for p in (tmp_path / "eval-multi").iterdir()) == ["report.json", "report.md"]
+    listing = [sorted(p.name for p in (tmp_path / run).iterdir()) for run in ("eval-multi", "eval-single")]
+    assert listing[0] == listing[1] == ["passkey_heatmap.png", "report.json", "report.md"]
 
 
 def test_two_processes_convert_as_one(tmp_path):
@@ -263,6 +266,59 @@ def test_two_processes_convert_as_one(tmp_path):
     summaries = [json.loads((tmp_path / run / "conversion.json").read_text()) for run in ("multi", "single")]
     assert summaries[0]["mixer_types"] == summaries[1]["mixer_types"] == ["minicpm4", "lightning-attn"]
     assert not list(tmp_path.glob("multi/**/.*tmp*"))
+
+
+def test_two_processes_distill_as_one(tmp_path):
+    """``minicpm-jax distill`` on 2 processes: rollouts generated on the mesh spanning both (gathered to
+    every host), scored, trained, validated with ``exact_match`` (generation again); the same per-step
+    losses, validation metrics and final student as 1 process x 8 devices."""
+    cfg = load_config("tiny-minicpm4", ["model.num_hidden_layers=2"]).model
+    models = {
+        name: str(
+            save_model(create_model(cfg, seed=seed, dtype=jnp.float32), cfg, tmp_path / name, tokenizer_source="byte")
+        )
+        for name, seed in (("student", 1), ("teacher", 2))
+    }
+    recipe = models | {
+        "mesh": {"data": 2, "fsdp": 4},
+        "dtype": "float32",
+        "prompts": {"sets": [{"source": "synthetic", "dataset": "arithmetic", "num_prompts": 16, "seed": 1}]},
+        "rollout": {"n": 2, "prompts_per_step": 4, "max_prompt_tokens": 16, "max_new_tokens": 8, "chunk_tokens": 64},
+        "optimizer": {"learning_rate": 0.003, "eps": 1e-6},
+        "train": {"steps": 2, "log_every": 1, "checkpoint_every": 100, "eval_every": 2},
+    }
+    recipe["train"]["eval_tasks"] = {"em": {"task": "exact_match", "dataset": "arithmetic", "num_examples": 6}}
+    (tmp_path / "distill.yaml").write_text(json.dumps(recipe))
+    distill = ["distill", "--config", str(tmp_path / "distill.yaml")]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, RUNNER, "cli", "4", *distill, *_join(port, i), f"output_dir={tmp_path / 'multi'}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    single = [sys.executable, RUNNER, "cli", "8", *distill, f"output_dir={tmp_path / 'single'}"]
+    procs.append(subprocess.Popen(single, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    results = _wait(procs, time.monotonic() + TIMEOUT)
+    assert [code for code, _ in results] == [0, 0, 0], results
+
+    got, want = (_stage_losses(tmp_path / run) for run in ("multi", "single"))
+    assert len(want) == 2, want
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    evals = [
+        [
+            r
+            for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            if "eval/em/exact_match" in r
+        ]
+        for run in ("multi", "single")
+    ]
+    assert len(evals[1]) == 1 and evals[0][0]["eval/em/exact_match"] == evals[1][0]["eval/em/exact_match"], evals
+    for a, b in zip(*(_params(tmp_path / run / "final") for run in ("multi", "single")), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def _stage_losses(stage_dir) -> list[float]:

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from minicpm_jax.data.synthetic import PASSKEY_FILLER as FILLER
+from minicpm_jax.distributed import to_host
 from minicpm_jax.eval import plots
 from minicpm_jax.eval.registry import EvalContext, TaskResult, register
 from minicpm_jax.sharding import mesh_of
@@ -92,7 +93,7 @@ def score_spans(
                 ids[r, : len(sequences[i])] = sequences[i]
                 pos = [p for s, e in spans[i] for p in range(s - 1, e - 1)]
                 gather[r, : len(pos)] = pos
-            pred = np.asarray(jax.device_get(_argmax_at(graphdef, state, jnp.asarray(ids), jnp.asarray(gather))))
+            pred = to_host(_argmax_at(graphdef, state, jnp.asarray(ids), jnp.asarray(gather)))
             for r, i in enumerate(chunk[: min(rows, len(order) - b)]):
                 offset, row = 0, []
                 for s, e in spans[i]:
