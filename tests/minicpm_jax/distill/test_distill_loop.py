@@ -185,7 +185,6 @@ def test_compatibility_errors():
 
 
 def test_teacher_on_its_own_devices_is_refused_with_several_processes(tmp_path, monkeypatch):
-
     recipe = load_distill_recipe(_recipe(tmp_path, "student", "teacher", teacher_devices=4))
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="teacher_devices=4: a teacher on its own devices needs one process"):
