@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -495,14 +496,23 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ValueError, OSError, yaml.YAMLError, TrainingDiverged, TrainingStopped, KeyboardInterrupt) as e:
         if args.debug:
-            raise
+            if not distributed.multiprocess():
+                raise
+            traceback.print_exc()
         err_console.print(f"[red]error:[/] {escape(one_line(e))}", highlight=False)
-        if isinstance(e, TrainingStopped):
+        if isinstance(e, TrainingStopped):  # every host stops at the same step: a normal shutdown
             return 128 + e.signum
-        if isinstance(e, KeyboardInterrupt):
-            return 128 + signal.SIGINT
-        return 3 if isinstance(e, TrainingDiverged) else 2
-    return 0
+        code = 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 3 if isinstance(e, TrainingDiverged) else 2
+    except Exception:
+        if not distributed.multiprocess():
+            raise
+        traceback.print_exc()
+        code = 1
+    else:
+        return 0
+    if distributed.multiprocess():
+        distributed.abandon(code)
+    return code
 
 
 def one_line(e: BaseException) -> str:

@@ -4,6 +4,8 @@
 ``python multihost_run.py reference SHARDS ARGS...``: ``minicpm-jax ARGS...`` as one process on 8
 devices whose training data are the global batches that SHARDS processes would feed (their shards'
 rows, concatenated in process order), so its run can be compared with theirs.
+``MULTIHOST_FAIL=PROCESS:STEP`` makes that process raise ``OSError`` at that training step (a host failing
+alone).
 """
 
 import os
@@ -51,6 +53,18 @@ def main() -> int:
             return ShardedIterator(shards)
 
         task_rows.make_train_iterator = sharded
+    if os.environ.get("MULTIHOST_FAIL"):  # "PROCESS:STEP": that process raises OSError at that step
+        from minicpm_jax import distributed
+
+        process, step = map(int, os.environ["MULTIHOST_FAIL"].split(":"))
+        preempted = distributed.preempted
+
+        def failing(at: int) -> bool:
+            if jax.process_index() == process and at == step:
+                raise OSError(f"injected failure at step {at}")
+            return preempted(at)
+
+        distributed.preempted = failing
     return cli.main(sys.argv[3:])
 
 

@@ -51,15 +51,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out, port: int) -> list[subprocess.Popen]:
+def _launch(out, port: int, *flags: str, env=None) -> list[subprocess.Popen]:
     return [
         subprocess.Popen(
             [sys.executable, RUNNER, "cli", "4", "train", "--config", RECIPE, "--coordinator", f"127.0.0.1:{port}"]
-            + ["--num-processes", "2", "--process-id", str(i), *OVERRIDES, f"train.output_dir={out}"],
+            + ["--num-processes", "2", "--process-id", str(i), *flags, *OVERRIDES, f"train.output_dir={out}"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         for i in range(2)
     ]
@@ -131,6 +132,20 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
     for name in ("model.yaml", "byte_tokenizer.json", "generation_config.json"):
         assert (multi / "final" / name).read_bytes() == (single / "final" / name).read_bytes()
     assert not list(tmp_path.glob("*/.*tmp*")) and not list(tmp_path.glob("*/final/.*"))
+
+
+def test_a_host_failing_alone_stops_every_host_promptly(tmp_path):
+    """Process 1 raises at step 3 (``MULTIHOST_FAIL``): it prints its one-line error and exits at once
+    (no 300 s shutdown barrier); process 0, blocked in the step's collective, fails too instead of
+    waiting for it (measured before the fix: both hung 324 s, then aborted)."""
+    start = time.monotonic()
+    env = os.environ | {"MULTIHOST_FAIL": "1:3"}
+    procs = _launch(tmp_path / "run", _free_port(), "--heartbeat-timeout", "10", env=env)
+    (code0, err0), (code1, err1) = _wait(procs, start + TIMEOUT)
+    assert time.monotonic() - start < 120, (time.monotonic() - start, err0[-2000:], err1[-2000:])
+    assert code1 == 2 and "error: injected failure at step 3" in err1, (code1, err1[-2000:])
+    assert code0 not in (0, None, -signal.SIGKILL), (code0, err0[-2000:])
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_two_processes_export_the_same_files_as_one(tmp_path):
@@ -334,6 +349,8 @@ def test_initialize_refuses_incomplete_or_out_of_range_arguments():
         distributed.initialize("127.0.0.1:1234", 2)
     with pytest.raises(ValueError, match="--process-id 2: must be in 0..1"):
         distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="--heartbeat-timeout 0: must be >= 1 second"):
+        distributed.initialize("127.0.0.1:1234", 2, 0, heartbeat_timeout=0)
     assert not distributed.multiprocess() and distributed.is_main()
 
 
