@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from minicpm_jax.config.schema import Config, ModelConfig
+from minicpm_jax.paths import as_path, is_remote
 
 
 def _config_dir() -> Path:
@@ -39,7 +40,7 @@ def preset_names() -> list[str]:
 
 def read_model_preset(name_or_path: str | Path) -> dict[str, Any]:
     """The raw dict of a preset name (``minicpm4-0.5b``) or a YAML file path."""
-    path = Path(name_or_path)
+    path = as_path(name_or_path) if is_remote(name_or_path) else Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = MODELS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
@@ -101,7 +102,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file: the path itself, or for a bare name (``pretrain-tiny``) the shipped ``recipes/NAME.yaml``."""
+    """A recipe file: the path itself (a local path or a URL, ``minicpm_jax.paths``), or for a bare name
+    (``pretrain-tiny``) the shipped ``recipes/NAME.yaml``."""
+    if is_remote(name_or_path):
+        return as_path(name_or_path)
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and not path.is_file():
         return CONFIG_DIR / "recipes" / f"{name_or_path}.yaml"

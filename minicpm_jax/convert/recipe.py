@@ -25,6 +25,7 @@ from minicpm_jax.config.loading import (
     validate_recipe,
 )
 from minicpm_jax.config.schema import DTYPES, Config, MeshConfig, ModelConfig, SparseConfig, _Strict
+from minicpm_jax.paths import as_path
 
 LOSSES = ("align", "kl", "lm")
 
@@ -112,7 +113,7 @@ def load_convert_recipe(path: str | Path, overrides=()) -> ConvertRecipe:
         errors.append("convert.selection: give commonsense and retrieval proxies (or give convert.mixer_types)")
     from minicpm_jax.eval.loading import resolve_task_paths
 
-    base = path.resolve().parent
+    base = as_path(path).parent
     sel = recipe.convert.selection
     sel = sel.model_copy(
         update={k: tuple(resolve_task_paths(e, base) for e in getattr(sel, k)) for k in ("commonsense", "retrieval")}

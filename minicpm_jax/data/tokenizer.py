@@ -7,7 +7,9 @@
   ``tokenizers``), ``tokenizer.model`` (SentencePiece, with the added tokens of ``tokenizer_config.json`` /
   ``added_tokens.json`` matched as whole tokens, as ``transformers``' ``LlamaTokenizer`` does in its default
   "legacy" mode) and ``byte_tokenizer.json`` (the byte-level tokenizer of training runs);
-- a file: ``*.model`` (SentencePiece), ``byte_tokenizer.json``, or a ``tokenizer.json`` under any name.
+- a file: ``*.model`` (SentencePiece), ``byte_tokenizer.json``, or a ``tokenizer.json`` under any name;
+- a URL of either (``gs://``, ``s3://``, ``memory://``: ``minicpm_jax.paths``): its tokenizer files are
+  copied once per process into a local temporary directory and read from there.
 
 The config files beside it apply: bos / eos / pad from ``tokenizer_config.json`` or ``special_tokens_map.json``
 (else common token names; an eos is required, it ends documents), the chat template, ``add_bos_token``, and
@@ -19,11 +21,16 @@ into a checkpoint directory, with a ``generation_config.json``.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from minicpm_jax.paths import as_path, is_remote
 
 BYTE_TOKENIZER = "byte"  # ``save_tokenizer`` source of the byte-level tokenizer
 BYTE_MARKER = "byte_tokenizer.json"
@@ -253,10 +260,30 @@ def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
     return Tokenizer(base, directory=directory, config=config, add_bos=bool(add_bos), stop_ids=stop_ids)
 
 
+@functools.cache
+def _fetched(url: str) -> Path:
+    """A local copy of the remote tokenizer ``url``: a directory's ``TOKENIZER_FILES``, or a file and the
+    config files beside it (removed when the process exits)."""
+    remote = as_path(url)
+    local = Path(tempfile.mkdtemp(prefix="minicpm-jax-tokenizer-"))
+    atexit.register(shutil.rmtree, local, True)
+    folder, names = (remote, TOKENIZER_FILES) if remote.is_dir() else (remote.parent, (remote.name, *TOKENIZER_FILES))
+    if not remote.is_dir() and not remote.is_file():
+        raise FileNotFoundError(f"tokenizer: no such file or directory {url}")
+    for name in dict.fromkeys(names):
+        if (folder / name).is_file():
+            (local / name).write_bytes((folder / name).read_bytes())
+    return local if remote.is_dir() else local / remote.name
+
+
+def _local(source: str | Path) -> Path:
+    return _fetched(str(as_path(source))) if is_remote(source) else Path(source)
+
+
 def tokenizer_file(source: str | Path) -> Path:
     """The main tokenizer file of ``source``: the file itself, or the first of ``TOKENIZER_MAIN_FILES`` in a
     directory."""
-    path = Path(source)
+    path = _local(source)
     if path.is_dir():
         for name in TOKENIZER_MAIN_FILES:
             if (path / name).is_file():
@@ -272,7 +299,7 @@ def tokenizer_file(source: str | Path) -> Path:
 
 def has_tokenizer(directory: str | Path) -> bool:
     """True when ``directory`` holds a tokenizer (``tokenizer.json``, ``tokenizer.model`` or the byte marker)."""
-    return any((Path(directory) / name).is_file() for name in TOKENIZER_MAIN_FILES)
+    return any((as_path(directory) / name).is_file() for name in TOKENIZER_MAIN_FILES)
 
 
 def copy_tokenizer(source: str | Path, directory: str | Path) -> list[str]:
@@ -281,7 +308,7 @@ def copy_tokenizer(source: str | Path, directory: str | Path) -> list[str]:
     overwriting; the names written."""
     main, directory = tokenizer_file(source), Path(directory)
     present = [n for n in TOKENIZER_FILES if (main.parent / n).is_file()]
-    if Path(source).is_dir():
+    if _local(source).is_dir():
         copies = {n: n for n in present}
     else:  # this tokenizer file under its standard name, and the config files beside it
         standard = "tokenizer.model" if main.suffix == ".model" else "tokenizer.json"

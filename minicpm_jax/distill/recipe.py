@@ -16,6 +16,7 @@ from pydantic import StrictBool, StrictInt, create_model
 from minicpm_jax.config.loading import ConfigError, apply_overrides, read_recipe_yaml, recipe_path, validate_recipe
 from minicpm_jax.config.schema import DTYPES, MeshConfig, _Strict
 from minicpm_jax.distill.losses import LossOptions, check_options
+from minicpm_jax.paths import as_path
 
 
 class PromptSet(_Strict):
@@ -130,6 +131,6 @@ def load_distill_recipe(path: str | Path, overrides=()) -> DistillRecipe:
         )
     if problems:
         raise ConfigError(problems, str(path))
-    base = path.resolve().parent
+    base = as_path(path).parent
     sets = tuple(s.model_copy(update=resolve_task_paths({"path": s.path}, base)) for s in pc.sets)
     return recipe.model_copy(update={"prompts": pc.model_copy(update={"sets": sets})})

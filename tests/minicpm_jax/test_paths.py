@@ -251,3 +251,37 @@ def test_replace_manifests_and_unsupported_checkpoint_dirs(roots):
         assert files_under(root) == {}
     with pytest.raises(ValueError, match="not memory://"):
         TrainCheckpointer(roots[1] / "checkpoints", keep=1)
+
+
+def test_tokenizers_and_recipes_load_from_urls(memory_root, tmp_path):
+    """The official MiniCPM4 tokenizer directory (SentencePiece + added tokens), one tokenizer file and a
+    recipe (with its model preset file) read from ``memory://`` equal their local originals; ``train``
+    runs from that recipe and saves the URL's tokenizer into its checkpoint."""
+    official = Path(__file__).resolve().parents[1] / "data" / "minicpm4-tokenizer"
+    for f in official.iterdir():
+        (memory_root / "tok" / f.name).parent.mkdir(parents=True, exist_ok=True)
+        (memory_root / "tok" / f.name).write_bytes(f.read_bytes())
+    text = "<|im_start|>user\nMiniCPM4 on gs:// 123<|im_end|>"
+    local, remote = load_tokenizer(official), load_tokenizer(f"{memory_root}/tok")
+    assert remote.encode(text, add_bos=True) == local.encode(text, add_bos=True) and len(local.encode(text)) > 5
+    assert (remote.stop_ids, remote.chat_template, remote.bos_id) == (local.stop_ids, local.chat_template, local.bos_id)
+    single = load_tokenizer(f"{memory_root}/tok/tokenizer.model")  # a file: its config files come along
+    assert single.encode(text, add_bos=True) == local.encode(text, add_bos=True)
+    with pytest.raises(FileNotFoundError, match="no such file or directory memory://"):
+        load_tokenizer(f"{memory_root}/missing")
+
+    (memory_root / "cfg").mkdir()
+    preset = Path(__file__).resolve().parents[2] / "configs" / "models" / "tiny-minicpm4.yaml"
+    (memory_root / "cfg" / "model.yaml").write_text(preset.read_text())
+    recipe = {"model": f"{memory_root}/cfg/model.yaml", "data": {"tokenizer": f"{memory_root}/tok"}}
+    (memory_root / "cfg" / "run.yaml").write_text(json.dumps(recipe))
+    cfg = load_recipe(f"{memory_root}/cfg/run.yaml", ["train.steps=3"])
+    assert cfg.model == load_config("tiny-minicpm4").model and cfg.train.steps == 3
+    assert cfg.data.tokenizer == f"{memory_root}/tok"
+    from minicpm_jax import cli
+
+    train = ["train.steps=2", "train.global_batch_size=8", "data.seq_len=32", "data.synthetic_documents=40"]
+    train += ["data.eval_documents=0", "model.vocab_size=73448", f"train.output_dir={tmp_path / 'run'}"]
+    train += ["optimizer.warmup_steps=0", "optimizer.decay_steps=0"]
+    assert cli.main(["train", "--config", f"{memory_root}/cfg/run.yaml", *train]) == 0
+    assert load_tokenizer(tmp_path / "run" / "final").encode(text) == local.encode(text)  # the URL's files saved
