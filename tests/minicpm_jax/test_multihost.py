@@ -254,21 +254,7 @@ def test_two_processes_convert_as_one(tmp_path):
         "stages": [{"name": "align", "loss": "align"}, {"name": "kl", "loss": "kl"}],
     }
     (tmp_path / "convert.yaml").write_text(json.dumps(recipe))
-    convert = ["convert", "--config", str(tmp_path / "convert.yaml")]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, RUNNER, "cli", "4", *convert, *_join(port, i), f"output_dir={tmp_path / 'multi'}"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    reference = [sys.executable, RUNNER, "reference", "2", *convert, f"output_dir={tmp_path / 'single'}"]
-    procs.append(subprocess.Popen(reference, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    results = _wait(procs, time.monotonic() + TIMEOUT)
-    assert [code for code, _ in results] == [0, 0, 0], results
+    _two_and_one(tmp_path, ["convert", "--config", str(tmp_path / "convert.yaml")], ["reference", "2"])
 
     for stage in ("stage-1-align", "stage-2-kl"):
         got, want = (_stage_losses(tmp_path / run / stage) for run in ("multi", "single"))
@@ -304,21 +290,7 @@ def test_two_processes_distill_as_one(tmp_path):
     }
     recipe["train"]["eval_tasks"] = {"em": {"task": "exact_match", "dataset": "arithmetic", "num_examples": 6}}
     (tmp_path / "distill.yaml").write_text(json.dumps(recipe))
-    distill = ["distill", "--config", str(tmp_path / "distill.yaml")]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, RUNNER, "cli", "4", *distill, *_join(port, i), f"output_dir={tmp_path / 'multi'}"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    single = [sys.executable, RUNNER, "cli", "8", *distill, f"output_dir={tmp_path / 'single'}"]
-    procs.append(subprocess.Popen(single, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    results = _wait(procs, time.monotonic() + TIMEOUT)
-    assert [code for code, _ in results] == [0, 0, 0], results
+    _two_and_one(tmp_path, ["distill", "--config", str(tmp_path / "distill.yaml")], ["cli", "8"])
 
     got, want = (_stage_losses(tmp_path / run) for run in ("multi", "single"))
     assert len(want) == 2, want
@@ -334,6 +306,20 @@ def test_two_processes_distill_as_one(tmp_path):
     assert len(evals[1]) == 1 and evals[0][0]["eval/em/exact_match"] == evals[1][0]["eval/em/exact_match"], evals
     for a, b in zip(*(_params(tmp_path / run / "final") for run in ("multi", "single")), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def _two_and_one(tmp_path, args: list[str], single: list[str]) -> None:
+    """``minicpm-jax ARGS`` by 2 processes x 4 devices (``output_dir=multi``) and at the same time by one
+    process (``output_dir=single``; ``single``: the runner's ``reference 2`` or ``cli 8``); all exit 0."""
+    port = _free_port()
+    commands = [["cli", "4", *args, *_join(port, i), f"output_dir={tmp_path / 'multi'}"] for i in range(2)]
+    commands.append([*single, *args, f"output_dir={tmp_path / 'single'}"])
+    procs = [
+        subprocess.Popen([sys.executable, RUNNER, *c], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for c in commands
+    ]
+    results = _wait(procs, time.monotonic() + TIMEOUT)
+    assert [code for code, _ in results] == [0, 0, 0], results
 
 
 def _stage_losses(stage_dir) -> list[float]:
