@@ -40,7 +40,7 @@ def preset_names() -> list[str]:
 
 def read_model_preset(name_or_path: str | Path) -> dict[str, Any]:
     """The raw dict of a preset name (``minicpm4-0.5b``) or a YAML file path."""
-    path = as_path(name_or_path) if is_remote(name_or_path) else Path(name_or_path)
+    path = as_path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = MODELS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():

@@ -265,15 +265,16 @@ def _fetched(url: str) -> Path:
     """A local copy of the remote tokenizer ``url``: a directory's ``TOKENIZER_FILES``, or a file and the
     config files beside it (removed when the process exits)."""
     remote = as_path(url)
+    is_dir = remote.is_dir()
+    if not is_dir and not remote.is_file():
+        raise FileNotFoundError(f"tokenizer: no such file or directory {url}")
+    folder, names = (remote, TOKENIZER_FILES) if is_dir else (remote.parent, (remote.name, *TOKENIZER_FILES))
     local = Path(tempfile.mkdtemp(prefix="minicpm-jax-tokenizer-"))
     atexit.register(shutil.rmtree, local, True)
-    folder, names = (remote, TOKENIZER_FILES) if remote.is_dir() else (remote.parent, (remote.name, *TOKENIZER_FILES))
-    if not remote.is_dir() and not remote.is_file():
-        raise FileNotFoundError(f"tokenizer: no such file or directory {url}")
     for name in dict.fromkeys(names):
         if (folder / name).is_file():
             (local / name).write_bytes((folder / name).read_bytes())
-    return local if remote.is_dir() else local / remote.name
+    return local if is_dir else local / remote.name
 
 
 def _local(source: str | Path) -> Path:

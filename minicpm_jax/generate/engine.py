@@ -134,7 +134,7 @@ def generate(
             loop = _decode(graphdef, state, loop, request, until, pad_id)
             if on_tokens:
                 _emit(on_tokens, loop, step, int(loop.step), batch)
-    out = jax.tree.map(to_host, loop._replace(cache=None))
+    out = jax.tree.map(to_host, loop._replace(cache=None, seen=None))  # only what the result holds
     return GenerationResult(
         tokens=np.asarray(out.tokens[:batch]),
         lengths=np.asarray(out.count[:batch]),
@@ -216,7 +216,7 @@ def _data_parallel(mesh) -> int:
 
 
 def _emit(on_tokens, loop: _Loop, start: int, stop: int, batch: int) -> None:
-    tokens, count = to_host(loop.tokens)[:batch, start:stop], to_host(loop.count)[:batch]
+    tokens, count = to_host(loop.tokens[:batch, start:stop]), to_host(loop.count[:batch])
     on_tokens(np.asarray(tokens), np.arange(start, stop)[None, :] < np.asarray(count)[:, None])
 
 
