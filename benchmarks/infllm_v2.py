@@ -12,6 +12,7 @@ no reverse-mode derivative). FLOPs count only causally needed products. Writes J
   python benchmarks/infllm_v2.py                       # 8K, 16K, 32K
   python benchmarks/infllm_v2.py --lengths 32768 65536 --bwd-lengths \
       --out benchmarks/results/infllm_v2_cpu_64k.json  # the 32K -> 64K scaling (long)
+  python benchmarks/infllm_v2.py --profile 16384       # adds the sparse part stage by stage
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.baselines import blockwise_attention, matmul_gflops, write_report
+from benchmarks.kernel_profile import infllm_sparse_stages, profile_lines
 from pallas_kernels.infllm_v2 import InfLLMv2Config, dense_causal_attention, infllm_v2_attention, select_blocks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -167,6 +169,14 @@ def targets(rows):
     return out
 
 
+def profile_sparse(t, args):
+    """``kernel_profile.infllm_sparse_stages`` on this script's shapes at length ``t``."""
+    key = jax.random.split(jax.random.key(t), 3)
+    q = jax.random.normal(key[0], (1, t, args.heads, args.head_dim), jnp.float32)
+    k, v = (jax.random.normal(kk, (1, t, args.kv_heads, args.head_dim), jnp.float32) for kk in key[1:3])
+    return infllm_sparse_stages(q, k, v, InfLLMv2Config(dense_len=-1), repeats=args.repeats)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
@@ -177,10 +187,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-gib", type=float, default=6.0, help="run dot_product_attention only below this")
     p.add_argument("--out", default=os.path.join(RESULTS, "infllm_v2_cpu.json"))
+    p.add_argument("--profile", type=int, nargs="*", default=[], help="lengths to profile the sparse part at")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     roofline = matmul_gflops()
     rows = run(args, roofline)
+    profiles = {t: profile_sparse(t, args) for t in args.profile}
     roof_end = matmul_gflops()
     result = {
         "machine": {
@@ -193,9 +205,13 @@ def main(argv=None):
         "roofline_gflops": {"start": roofline, "end": roof_end},
         "rows": rows,
         "targets": targets(rows),
+        "profiles": profiles,
         "total_s": time.perf_counter() - t0,
     }
-    write_report(result, args.out, table(rows, roofline), roof_end)
+    text = table(rows, roofline)
+    if profiles:
+        text += "\n" + "\n".join(profile_lines("Sparse part, stage by stage (kernel_profile.py):", profiles))
+    write_report(result, args.out, text, roof_end)
     print(f"({result['total_s']:.0f} s)")
 
 

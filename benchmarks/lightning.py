@@ -9,6 +9,7 @@ JSON to benchmarks/results/.
 
     python benchmarks/lightning.py                    # 4K, 16K (~2 min on 2 busy cores)
     python benchmarks/lightning.py --long             # adds 64K (the scaling target)
+    python benchmarks/lightning.py --profile          # adds the forward stage by stage
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.baselines import matmul_gflops, to_torch, torch_chunk_gla, write_report
+from benchmarks.kernel_profile import lightning_stages, profile_lines
 from pallas_kernels.lightning import alibi_slopes, lightning_attention
 
 B, H, D, C = 1, 4, 64, 64
@@ -112,6 +114,8 @@ def run(args):
         row["ratio_fwdbwd"] = row["torch_fwdbwd"] / row["ours_fwdbwd"]
         row["roofline_pct_fwd"] = 100 * flops(t) / row["ours_fwd"] / (args.roofline * 1e9)
         row["torch_roofline_pct_fwd"] = 100 * flops(t) / row["torch_fwd"] / (args.roofline * 1e9)
+        if args.profile:
+            row["profile"] = lightning_stages(*inputs[:3], log_decay, chunk=C, repeats=args.repeats)
         rows.append(row)
         print({n: round(x, 4) if isinstance(x, float) else x for n, x in row.items()}, flush=True)
     return rows
@@ -152,6 +156,7 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--long", action="store_true", help="also run T=65536")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also time the xla forward stage by stage")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lightning_cpu.json"))
     args = p.parse_args()
     if args.long:
@@ -177,7 +182,11 @@ def main():
         "rows": rows,
         "targets": targets(rows),
     }
-    write_report(result, args.out, table(rows, args.roofline), roof_end)
+    text = table(rows, args.roofline)
+    if args.profile:
+        profiles = {r["T"]: r["profile"] for r in rows}
+        text += "\n" + "\n".join(profile_lines("Forward of `xla`, stage by stage (kernel_profile.py):", profiles))
+    write_report(result, args.out, text, roof_end)
 
 
 if __name__ == "__main__":
