@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..interpret import call_kernel
 from . import reference, xla
 from .config import InfLLMv2Config
 from .dense import dense_causal_attention
@@ -39,7 +40,10 @@ def block_sparse_attention(
     ``segment_ids`` int [B, T] (packed rows, every implementation): keys of other segments are
     masked out.
     ``shared=(init, window)`` is a hint for the xla path (see ``xla.py``), ignored elsewhere.
-    ``interpret=None`` interprets the Pallas kernels on CPU and compiles them elsewhere.
+    ``interpret=None`` is decided when lowered (``jax.lax.platform_dependent``): the Pallas kernel is
+    interpreted on CPU and compiled for any other platform, so ``jax.export(...,
+    platforms=["cuda"|"tpu"])`` from a CPU host lowers the compiled kernel; ``True``/``False``
+    force interpret mode / the compiled kernel.
     """
     impl = resolve_implementation(implementation, segment_ids)
     want = (q.shape[0], k.shape[2], q.shape[1])
@@ -62,19 +66,18 @@ def block_sparse_attention(
         return xla.block_sparse_attention(
             q, k, v, block_idx, block_size=block_size, segment_ids=segment_ids, shared=shared
         )
-    if interpret is None:  # Pallas kernels can only be interpreted on CPU
-        interpret = jax.default_backend() == "cpu"
     if impl == "pallas_tpu":
-        from . import pallas_tpu
+        from . import pallas_tpu as kernels
+    else:
+        from . import pallas_gpu as kernels
 
-        return pallas_tpu.block_sparse_attention(
-            q, k, v, block_idx, block_size=block_size, segment_ids=segment_ids, interpret=bool(interpret)
+    def kernel(q, k, v, ids, seg, *, interpret):
+        return kernels.block_sparse_attention(
+            q, k, v, ids, block_size=block_size, segment_ids=seg, interpret=bool(interpret)
         )
-    from . import pallas_gpu
 
-    return pallas_gpu.block_sparse_attention(
-        q, k, v, block_idx, block_size=block_size, segment_ids=segment_ids, interpret=bool(interpret)
-    )
+    # interpret=None: interpreted when lowered for CPU, compiled for any other platform.
+    return call_kernel(kernel, interpret, q, k, v, block_idx, segment_ids)
 
 
 def _validate(q, k, v, config, q_select, k_select, segment_ids):

@@ -13,6 +13,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from .. import interpret as _interpret
 from . import chunking, decode, recurrent, reference, validation
 
 _F32 = jnp.float32
@@ -24,37 +25,40 @@ class _Config:
     implementation: str
     scale: float
     chunk_size: int
-    interpret: object  # bool, or pltpu.InterpretParams for pallas_tpu
+    interpret: object  # None (per lowering platform), bool, or pltpu.InterpretParams for pallas_tpu
 
 
-def _module(cfg):
-    return importlib.import_module(f"{__package__}.{cfg.implementation}")
+def _run(cfg, name, *args, docs, **kw):
+    """``<implementation>.<name>(*args, docs=..., **kw)``; a Pallas kernel goes through
+    ``interpret.call_kernel`` (``interpret=None``: interpreted on CPU, compiled elsewhere)."""
+    fn = getattr(importlib.import_module(f"{__package__}.{cfg.implementation}"), name)
+    kw.update(scale=cfg.scale, chunk_size=cfg.chunk_size)
 
+    def call(docs, *args, **extra):
+        if docs is not None:  # segment_ids=None keeps the unmasked code path (no docs argument)
+            extra["docs"] = docs
+        return fn(*args, **kw, **extra)
 
-def _kwargs(cfg, docs):
-    kw = dict(scale=cfg.scale, chunk_size=cfg.chunk_size)
-    if cfg.implementation.startswith("pallas"):
-        kw["interpret"] = cfg.interpret
-    if docs is not None:  # segment_ids=None keeps the unmasked code path (no docs argument)
-        kw["docs"] = docs
-    return kw
+    if not cfg.implementation.startswith("pallas"):
+        return call(docs, *args)
+    return _interpret.call_kernel(call, cfg.interpret, docs, *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _chunked(q, k, v, log_decay, state, docs, cfg):
-    o, final, _ = _module(cfg).forward(q, k, v, log_decay, state, save_states=False, **_kwargs(cfg, docs))
+    o, final, _ = _run(cfg, "forward", q, k, v, log_decay, state, docs=docs, save_states=False)
     return o, final
 
 
 def _chunked_fwd(q, k, v, log_decay, state, docs, cfg):
-    o, final, states = _module(cfg).forward(q, k, v, log_decay, state, save_states=True, **_kwargs(cfg, docs))
+    o, final, states = _run(cfg, "forward", q, k, v, log_decay, state, docs=docs, save_states=True)
     return (o, final), (q, k, v, log_decay, states, docs)
 
 
 def _chunked_bwd(cfg, res, cotangents):
     q, k, v, log_decay, states, docs = res
     do, d_final = cotangents
-    dq, dk, dv, d_state = _module(cfg).backward(q, k, v, log_decay, states, do, d_final, **_kwargs(cfg, docs))
+    dq, dk, dv, d_state = _run(cfg, "backward", q, k, v, log_decay, states, do, d_final, docs=docs)
     # log_decay is a fixed (non-trainable) per-head constant in SALA: it gets a zero cotangent;
     # the integer document index gets none.
     grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(log_decay), d_state)
@@ -89,8 +93,11 @@ def lightning_attention(
       chunk_size: tokens per chunk for the chunked implementations and the recurrent checkpointing.
       implementation: ``"auto"`` (TPU → ``pallas_tpu``, else ``xla``), ``"reference"``,
         ``"recurrent"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
-      interpret: Pallas only. ``None``: compiled kernel, error off its backend; ``True``: interpret
-        mode (CPU tests); ``False``: compiled kernel even off-backend (``jax.export`` lowering).
+      interpret: Pallas only. ``None``: decided when lowered (``jax.lax.platform_dependent``):
+        interpreted on CPU, the compiled kernel on any other platform, so ``jax.export(...,
+        platforms=["cuda"|"tpu"])`` from a CPU host lowers the real kernel; ``True``: always
+        interpret mode (CPU tests); ``False``: always the compiled kernel. ``pallas_tpu`` also takes
+        a ``pltpu.InterpretParams`` (TPU interpreter).
       segment_ids: optional integer ``[B, T]`` for packed rows (e.g. ``1,1,1,2,2,0,0``; 0 is
         padding by convention but is not special: it is a document like any other). The state is
         reset to zero wherever ``segment_ids[b, t] != segment_ids[b, t−1]`` (a document start),
@@ -127,8 +134,10 @@ def lightning_attention(
     else:
         chunk = min(chunk_size, t) if impl == "xla" else chunk_size
         interp = (
-            interpret if impl == "pallas_tpu" and not isinstance(interpret, (bool, type(None))) else bool(interpret)
-        )  # pltpu.InterpretParams passes through (TPU interpreter)
+            interpret
+            if interpret is None or (impl == "pallas_tpu" and not isinstance(interpret, bool))
+            else bool(interpret)
+        )  # None stays per-platform; pltpu.InterpretParams passes through (TPU interpreter)
         cfg = _Config(impl, scale, int(chunk), interp)
         o, final = _chunked(q, k, v, log_decay, state, docs, cfg)
     o = o.astype(q.dtype)

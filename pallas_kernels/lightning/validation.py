@@ -6,7 +6,6 @@ import numpy as np
 
 IMPLEMENTATIONS = ("reference", "recurrent", "xla", "pallas_tpu", "pallas_gpu")
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
-_PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
 def check_float(name, x):
@@ -61,24 +60,18 @@ def check_inputs(q, k, v):
 
 
 def resolve_implementation(implementation, interpret):
-    """Maps ``"auto"`` to the backend default; rejects Pallas kernels the backend cannot run.
+    """Maps ``"auto"`` to the backend default (``pallas_tpu`` on TPU, else ``xla``); checks the name.
 
-    ``interpret=None`` (default) raises for a Pallas kernel off its backend; ``interpret=True`` runs
-    it in interpret mode; an explicit ``interpret=False`` forces the compiled kernel (for
-    ``jax.export(..., platforms=["tpu"|"cuda"])`` cross-lowering from another host).
+    ``interpret`` does not change the choice: a Pallas kernel is accepted on any backend.
+    ``interpret=None`` (default) is decided when the computation is lowered: interpreted on CPU,
+    the compiled kernel elsewhere (so ``jax.export(..., platforms=["tpu"|"cuda"])`` cross-lowers
+    from a CPU host); ``interpret=True`` always interprets; ``interpret=False`` always compiles.
     """
-    backend = jax.default_backend()
+    del interpret
     if implementation == "auto":
-        return "pallas_tpu" if backend == "tpu" else "xla"
+        return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {('auto',) + IMPLEMENTATIONS}, got {implementation!r}")
-    needed = _PALLAS_BACKEND.get(implementation)
-    if needed and backend != needed and interpret is None:
-        raise ValueError(
-            f"implementation={implementation!r} needs a {needed.upper()} backend "
-            f"(current: {backend}); pass interpret=True to run it in Pallas interpret "
-            "mode (or interpret=False to lower for export), or use implementation='xla'"
-        )
     return implementation
 
 

@@ -1,9 +1,10 @@
 """Bad input raises one clear ``ValueError`` naming the argument."""
 
+import jax
 import jax.numpy as jnp
 import pytest
-
 from lightning_helpers import LOG_DECAY, inputs
+
 from pallas_kernels.lightning import lightning_attention, lightning_decode_step
 
 Q, K, V, S0 = inputs(8)
@@ -25,8 +26,6 @@ Q, K, V, S0 = inputs(8)
         (dict(scale=-1.0), "scale must be a positive"),
         (dict(chunk_size=0), "chunk_size must be a positive int"),
         (dict(implementation="triton"), "implementation must be one of"),
-        (dict(implementation="pallas_tpu"), "needs a TPU backend"),
-        (dict(implementation="pallas_gpu"), "needs a GPU backend"),
         (dict(implementation="pallas_tpu", interpret=True, chunk_size=12), "multiple of 8"),
     ],
 )
@@ -62,6 +61,43 @@ def test_bf16_pallas_tpu_chunk_tiling():
             interpret=True,
             chunk_size=8,
         )
+
+
+@pytest.mark.parametrize(
+    "impl,dtype,dims,chunk,platform,marker",
+    [
+        ("pallas_tpu", jnp.float32, (16, 8), 8, "tpu", "tpu_custom_call"),
+        ("pallas_gpu", jnp.bfloat16, (64, 64), 64, "cuda", "mosaic_gpu_v2"),
+    ],
+)
+def test_interpret_none_is_decided_at_lowering(impl, dtype, dims, chunk, platform, marker):
+    """A Pallas kernel off its backend no longer raises with interpret=None: on CPU it runs
+    interpreted (bitwise the interpret=True result, forward and gradients), and the same function
+    exported for the kernel's platform lowers the compiled kernel (no interpret argument)."""
+    q, k, v, s0 = inputs(8, b=1, h=2, dk=dims[0], dv=dims[1], dtype=dtype)
+
+    def loss(q, k, v, s0, **kw):
+        o, s = lightning_attention(
+            q,
+            k,
+            v,
+            LOG_DECAY[:2],
+            initial_state=s0,
+            return_final_state=True,
+            implementation=impl,
+            chunk_size=chunk,
+            **kw,
+        )
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    interp = jax.jit(jax.value_and_grad(lambda *a: loss(*a, interpret=True), argnums=(0, 1, 2, 3)))
+    for got, want in zip(jax.tree.leaves(grad(q, k, v, s0)), jax.tree.leaves(interp(q, k, v, s0))):
+        assert jnp.array_equal(got, want)
+    assert "platform_index" in str(jax.make_jaxpr(loss)(q, k, v, s0))
+    assert "platform_index" not in str(jax.make_jaxpr(lambda *a: loss(*a, interpret=True))(q, k, v, s0))
+    text = jax.export.export(grad, platforms=[platform])(q, k, v, s0).mlir_module()
+    assert text.count(f"stablehlo.custom_call @{marker}(") >= 2  # forward and backward kernels
 
 
 def test_decode_bad_inputs():
