@@ -166,9 +166,9 @@ class Attention(nnx.Module):
         t = q.shape[1]
         if self.sparse is None or self.sparse.is_dense(t):
             return dense_attention(q, part.local_kv(k), part.local_kv(v), segment_ids, self.implementation)
-        if part.slice_kv:  # this shard holds part of one GQA group: the selection scores the whole group
-            qs = part.group_heads(q if q_sel is None else q_sel)
-            sel = select_blocks(qs, part.local_kv(k if k_sel is None else k_sel), self.sparse, segment_ids=segment_ids)
+        if part.slice_kv:  # part of one GQA group: scores of its heads, summed with the group's other shards
+            qs, ks = q if q_sel is None else q_sel, part.local_kv(k if k_sel is None else k_sel)
+            sel = select_blocks(qs, ks, self.sparse, segment_ids=segment_ids, group_sum=part.group_sum)
             # The forced blocks (init + local window) are in every row: a hint for the xla path.
             window = self.sparse.local_blocks + (1 if self.sparse.generation == "B" else 0)
             return block_sparse_attention(
@@ -207,11 +207,6 @@ class Attention(nnx.Module):
             lambda: o,
         )
 
-    def _partition(self, q, k) -> Partition:
-        """Rows and heads of this call; whole GQA groups per shard for an InfLLM v2 decode step (it
-        selects blocks inside ``decode_step``)."""
-        return Partition(q.shape[0], q.shape[2], k.shape[2], whole_groups=self.sparse is not None and q.shape[1] == 1)
-
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache=None, valid=None):
         """``(output, cache)``; ``cache`` is None (plain forward), a ``KVCache`` or an InfLLM v2 ``DecodeCache``.
 
@@ -223,14 +218,18 @@ class Attention(nnx.Module):
         q, k, v, q_sel, k_sel = self._qkv(x, positions)
         qkv = (P(BATCH, None, HEADS, None), P(BATCH, None, KV, None), P(BATCH, None, KV, None))
         args, roles = (q, k, v, q_sel, k_sel), (*qkv, qkv[0], qkv[1])
-        part = self._partition(q, k)
+        part = Partition(q.shape[0], q.shape[2], k.shape[2])
         if cache is None:
             attend = lambda *a: self._attend(part, *a)
             o = part(attend, (*roles, P(BATCH, None)), qkv[0])(*args, segment_ids)
         elif isinstance(cache, KVCache):
             o, cache = kv_attend(cache, q, k, v, positions)
         elif isinstance(cache, DecodeCache) and x.shape[1] == 1:
-            step = lambda c, q, k, v, qs, ks: decode_step(c, q, k, v, config=self.sparse, q_select=qs, k_select=ks)
+
+            def step(c, q, k, v, qs, ks):  # split GQA group: whole cache written, own heads attended
+                kw = dict(q_select=qs, k_select=ks, kv_heads=part.kv_heads(), group_sum=part.group_sum)
+                return decode_step(c, q, k, v, config=self.sparse, **kw)
+
             o, cache = part(step, (cache_roles(cache), *roles), (qkv[0], cache_roles(cache)))(cache, *args)
         else:
             check_prefill(cache.length)

@@ -6,13 +6,15 @@ the current mesh (``jax.set_mesh``): the batch over the data axes (``LOGICAL_RUL
 query heads over ``tensor``. Without a mesh, or on one device, it calls the function as it is.
 
 GQA: every shard keeps whole query groups or a part of one group, never parts of two. When
-``tensor`` divides the KV heads they are sharded too; when it is a multiple of them the KV heads
-are replicated (as their projections are) and each shard uses the one KV head of its query heads
-(``local_kv``; InfLLM v2 block selection, which sums scores over a whole group, gathers the group's
-query heads with ``group_heads``). A dimension its mesh axes do not divide is replicated, as in
-``constrain``; so are the heads when neither holds, or when the kernel needs whole groups per shard
-(``whole_groups``: the InfLLM v2 decode step). A ``sequence`` axis > 1 is refused at the first call.
-Outputs replicated over an axis are identical on its shards by construction, so ``check_vma`` is off.
+``tensor`` divides the KV heads they are sharded too; when it is a multiple of them (``slice_kv``)
+the KV heads and caches are replicated (as their projections are), every shard writes all KV heads
+of a cache, and each shard attends with the one KV head of its query heads (``local_kv``,
+``kv_heads``). InfLLM v2 block selection sums per-head scores over a whole group: there each shard
+scores its own query heads and ``group_sum`` adds the partial sums ``[B, 1, C, m1]`` (fp32) of the
+shards of its group (``collective-permute`` within the group; q/k/v are not moved). A dimension its
+mesh axes do not divide is replicated, as in ``constrain``; so are the heads when neither holds. A
+``sequence`` axis > 1 is refused at the first call. Outputs replicated over an axis are identical on
+its shards by construction, so ``check_vma`` is off.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.model.cache import LightningCache
@@ -29,12 +32,9 @@ BATCH, HEADS, KV = "batch", "heads", "kv_heads"  # the roles an operand dimensio
 
 
 class Partition:
-    """How one kernel call is split: rows of ``batch``, ``heads`` query and ``kv_heads`` KV heads.
+    """How one kernel call is split: rows of ``batch``, ``heads`` query and ``kv_heads`` KV heads."""
 
-    ``whole_groups``: shard heads only if each shard holds whole GQA groups.
-    """
-
-    def __init__(self, batch: int, heads: int, kv_heads: int | None = None, *, whole_groups: bool = False):
+    def __init__(self, batch: int, heads: int, kv_heads: int | None = None):
         mesh = jax.sharding.get_abstract_mesh()
         self.mesh = None if mesh.empty or mesh.size == 1 else mesh
         self.batch = self.heads = self.kv = None
@@ -54,7 +54,7 @@ class Partition:
         group, local = heads // kv_heads, heads // t
         if t > 1 and kv_heads % t == 0:
             self.heads = self.kv = LOGICAL_RULES["act_heads"]
-        elif t > 1 and heads % t == 0 and group % local == 0 and not whole_groups:
+        elif t > 1 and heads % t == 0 and group % local == 0:
             self.heads, self.slice_kv = LOGICAL_RULES["act_heads"], True
         self.local_heads, self.group = (local if self.heads else heads), group
 
@@ -62,19 +62,35 @@ class Partition:
         """Mesh ``PartitionSpec`` of a spec of roles (``BATCH``, ``HEADS``, ``KV`` or None per dim)."""
         return P(*({BATCH: self.batch, HEADS: self.heads, KV: self.kv}.get(r) for r in roles))
 
+    def kv_heads(self) -> tuple[jax.Array, int] | None:
+        """Inside a shard: ``(start, n)``, the KV heads its query heads use (``decode_step``'s
+        ``kv_heads``), or None when they are all of its KV heads (unless ``slice_kv``)."""
+        if not self.slice_kv:
+            return None
+        return jax.lax.axis_index(self.heads) * self.local_heads // self.group, 1
+
     def local_kv(self, x: jax.Array, axis: int = 2) -> jax.Array:
         """Inside a shard: the KV heads its query heads use (``x`` itself unless KV heads are replicated)."""
         if not self.slice_kv:
             return x
-        start = jax.lax.axis_index(self.heads) * self.local_heads // self.group
-        return jax.lax.dynamic_slice_in_dim(x, start, 1, axis)
+        start, n = self.kv_heads()
+        return jax.lax.dynamic_slice_in_dim(x, start, n, axis)
 
-    def group_heads(self, x: jax.Array, axis: int = 2) -> jax.Array:
-        """Inside a shard holding part of one GQA group (``slice_kv``): the whole group's query heads
-        of ``x``, all-gathered over ``tensor`` (for InfLLM v2 block selection, which has no gradient)."""
-        full = jax.lax.all_gather(x, self.heads, axis=axis, tiled=True)
-        start = jax.lax.axis_index(self.heads) * self.local_heads // self.group * self.group
-        return jax.lax.dynamic_slice_in_dim(full, start, self.group, axis)
+    def group_sum(self, x: jax.Array) -> jax.Array:
+        """Inside a shard holding part of one GQA group (``slice_kv``): ``x`` (this shard's partial
+        per-group sum, e.g. InfLLM v2 selection scores) summed over the shards of its group, the same
+        on each of them; ``x`` itself otherwise. The r = group / local_heads shards of a group are
+        consecutive along ``tensor``: r - 1 ``ppermute`` s within the group bring the other partial
+        sums, added in group order so that every shard of the group gets bit-identical sums."""
+        if not self.slice_kv:
+            return x
+        r, t = self.group // self.local_heads, self.mesh.shape[self.heads]
+        parts = [x]  # parts[s]: the partial sum of the shard s places before this one in its group
+        for s in range(1, r):
+            perm = [(g + j, g + (j + s) % r) for g in range(0, t, r) for j in range(r)]
+            parts.append(jax.lax.ppermute(x, self.heads, perm))
+        member = jax.lax.axis_index(self.heads) % r
+        return jnp.sum(jnp.stack(parts)[(member - jnp.arange(r)) % r], axis=0)
 
     def __call__(self, fn, in_roles, out_roles):
         """``fn`` (on per-shard operands) as a function of global operands; ``in_roles`` / ``out_roles``

@@ -13,6 +13,11 @@ The per-row branches are chosen with scalar ``lax.cond`` s on ``all`` / ``any`` 
 predicates: when every row is dense (or every row sparse) only that attention path runs, and the
 O(capacity) build runs only in a step where some row reaches ``dense_len``. Only a batch whose rows
 disagree computes both attention paths and picks per row.
+
+Split GQA groups (a device holding some query heads of one group, ``kv_heads`` and ``group_sum`` of
+``decode_step``): the device updates the whole cache, all KV heads, as every other device does, and
+attends and selects with its own query heads over its KV heads only; the selection's per-group score
+sums are completed across devices by ``group_sum`` (``selection``).
 """
 
 from __future__ import annotations
@@ -162,32 +167,54 @@ def _dense_rows(qg, kt, vt, pos):
     return _attend(qg, kt, vt, mask)
 
 
-def _sparse_row(qg, qs, k1, k2, n1, n2, pos, k, v, config: InfLLMv2Config):
-    """One row (no batch axis): qg [Hkv,G,D], qs [Hq,D], K1/K2 caches, pos scalar, k/v [cap,Hkv,D].
+def _sparse_row(qg, qs, k1, k2, n1, n2, pos, k, v, heads, config: InfLLMv2Config, group_sum=None):
+    """One row (no batch axis): qg [h,G,D], qs [h*G,D], K1/K2 caches of the h KV heads ``heads [h]``
+    (int) of k/v [cap,Hkv,D], pos scalar.
 
     The selected blocks are gathered straight from the [cap, Hkv, D] cache (no transposed copy).
     """
-    cap, hkv = k.shape[:2]
+    cap, h = k.shape[0], heads.shape[0]
     bs, nb = config.block_size, config.num_blocks(cap)
-    sel = select_from_compressed(qs[None, None], k1[None], k2[None], n1, n2, pos[None], nb, config)
-    blocks = attention_blocks(sel, pos[None], config, nb)[0, :, 0]  # [Hkv, n]
-    kpos = (blocks[..., None] * bs + jnp.arange(bs)).reshape(hkv, -1)  # [Hkv, n * bs]
+    sel = select_from_compressed(qs[None, None], k1[None], k2[None], n1, n2, pos[None], nb, config, group_sum)
+    blocks = attention_blocks(sel, pos[None], config, nb)[0, :, 0]  # [h, n]
+    kpos = (blocks[..., None] * bs + jnp.arange(bs)).reshape(h, -1)  # [h, n * bs]
     mask = jnp.repeat(blocks >= 0, bs, axis=-1) & (kpos <= pos)
-    idx = (jnp.clip(kpos, 0, cap - 1), jnp.arange(hkv)[:, None])
+    idx = (jnp.clip(kpos, 0, cap - 1), heads[:, None])
     return _attend(qg[None], k[idx][None], v[idx][None], mask[None])[0]
 
 
-def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select=None, k_select=None):
+def decode_step(
+    cache: DecodeCache,
+    q,
+    k,
+    v,
+    *,
+    config: InfLLMv2Config,
+    q_select=None,
+    k_select=None,
+    kv_heads=None,
+    group_sum=None,
+):
     """Appends one token per row (q [B,1,Hq,D], k/v [B,1,Hkv,D]) and returns (out [B,1,Hq,D], cache).
 
     Row b's token has position ``cache.length[b]`` and is written at that slot. Row b attends densely
     iff ``length[b] + 1 < dense_len`` (and dense_len > 0), else block-sparsely; its output equals
     what the row alone (batch 1) would give.
+
+    ``kv_heads=(start, n)`` (``start`` may be traced): q / q_select hold only the query heads of the
+    cache's KV heads ``start .. start + n - 1`` (Hq a multiple of n); k/v still carry all Hkv heads and
+    the whole cache is updated, while the attention and the selection use those n KV heads. Default:
+    all. ``group_sum``: completes the selection's per-group score sums when q holds only part of each
+    group (``selection``). Both hooks serve a device holding part of one GQA group.
     """
     b, _, hq, d = q.shape
-    hkv = k.shape[2]
     if (cache.k_sel is None) != (k_select is None):
         raise ValueError("k_select must be given exactly when the cache has separate selection keys")
+    start, hkv = (0, k.shape[2]) if kv_heads is None else kv_heads
+    if hq % hkv:
+        raise ValueError(f"q has {hq} heads, not a multiple of the {hkv} KV heads it uses (kv_heads)")
+    heads = start + jnp.arange(hkv)
+    own = (lambda x: x) if kv_heads is None else (lambda x: jax.lax.dynamic_slice_in_dim(x, start, hkv, axis=2))
     pos = cache.length  # [B]
     upd = lambda buf, x: _set_rows(buf, pos, x[:, 0])
     was_built = cache.built
@@ -210,11 +237,12 @@ def decode_step(cache: DecodeCache, q, k, v, *, config: InfLLMv2Config, q_select
     nd = cache.k.shape[1] if config.dense_len <= 0 else min(cache.k.shape[1], config.dense_len)
 
     def dense_out(_):
-        return _dense_rows(qg, cache.k[:, :nd].swapaxes(1, 2), cache.v[:, :nd].swapaxes(1, 2), pos)
+        return _dense_rows(qg, own(cache.k[:, :nd]).swapaxes(1, 2), own(cache.v[:, :nd]).swapaxes(1, 2), pos)
 
     def sparse_out(_):
-        row = lambda *a: _sparse_row(*a, config=config)
-        return jax.vmap(row)(qg, qs, cache.k1, cache.k2, cache.n1, cache.n2, pos, cache.k, cache.v)
+        row = lambda *a: _sparse_row(*a, heads, config=config, group_sum=group_sum)
+        k1, k2 = own(cache.k1), own(cache.k2)
+        return jax.vmap(row)(qg, qs, k1, k2, cache.n1, cache.n2, pos, cache.k, cache.v)
 
     def mixed_out(_):
         return _rows(dense, dense_out(None), sparse_out(None))

@@ -4,6 +4,12 @@ Queries are processed in chunks so that at most ``[B, Hkv, chunk, n1]`` stage-1 
 ``[B, Hkv, T, nb]`` block scores ever exist (never ``T x T``). Causal waste is cut by splitting
 the query chunks into a few static buckets, each scored only against the compressed keys its last
 query can see. Selection carries no gradient.
+
+``group_sum`` (every entry point, default none): a function applied to the fp32 per-group sum of the
+stage-1 scores ``[B, Hkv, C, m1]`` before the max-pool. When the query heads of a GQA group are split
+over devices, each device scores its own heads and ``group_sum`` adds the partial sums of the devices
+that share the group (e.g. ``minicpm_jax.model.partition.Partition.group_sum``), so the selection
+equals the one of the whole group without moving q.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ def _masked_lse(s, vis):
     return jnp.log(jnp.sum(jnp.exp(s - m), axis=-1)) + m[..., 0]
 
 
-def _chunk_block_scores(q, pos, k1, k2, n1_valid, n2_valid, n_exist, seg_q, seg1, seg2, cfg, n1, nb):
+def _chunk_block_scores(q, pos, k1, k2, n1_valid, n2_valid, n_exist, seg_q, seg1, seg2, cfg, n1, nb, group_sum=None):
     """Block scores [B, Hkv, C, nb] (fp32) for a query chunk q [B, C, Hq, D] at positions pos [C].
+
+    ``group_sum`` (if given) maps the group sum of q's heads to that of the whole group (module doc).
 
     k1/k2 may be a prefix of the n1 existing K1 entries (the rest are invisible, score 0) or a
     fixed-size cache whose first n1_valid / n2_valid entries are filled; entries >= n_exist do not
@@ -67,7 +75,10 @@ def _chunk_block_scores(q, pos, k1, k2, n1_valid, n2_valid, n_exist, seg_q, seg1
         lse = _masked_lse(s1, vis1)
     ok = vis1 & jnp.isfinite(lse)[..., None]
     p = jnp.where(ok, jnp.exp(s1 - jnp.where(ok, lse[..., None], 0.0)), 0.0)
-    s = jnp.nan_to_num(jnp.sum(p, axis=3), nan=0.0, posinf=0.0)  # fp32 group sum [B,Hkv,C,m1]
+    s = jnp.sum(p, axis=3)  # fp32 group sum [B, Hkv, C, m1] (of q's heads: partial if group_sum)
+    if group_sum is not None:
+        s = group_sum(s)
+    s = jnp.nan_to_num(s, nan=0.0, posinf=0.0)
     # Max-pool (kernel st+1, stride st, padding 1): block b covers entries [st*b-1, st*b+st).
     st = cfg.pool_stride
     s = jnp.pad(s, ((0, 0),) * 3 + ((0, n1 - s.shape[-1]),))
@@ -106,7 +117,7 @@ def _buckets(t, chunk, n_buckets):
     return [(lo, min(hi, t)) for lo, hi in zip(edges[:-1], edges[1:]) if lo < t]
 
 
-def _map_scores(q, k, config, segment_ids, chunk, n_buckets, finish):
+def _map_scores(q, k, config, segment_ids, chunk, n_buckets, finish, group_sum=None):
     """Runs finish(block_scores, pos) over bucketed query chunks of a prefill; concatenates on T."""
     b, t, hq, d = q.shape
     k1, k2 = compress_keys(k, config)
@@ -137,7 +148,7 @@ def _map_scores(q, k, config, segment_ids, chunk, n_buckets, finish):
         def body(x, kb1=kb1, kb2=kb2, sb1=sb1, sb2=sb2, m1=m1, m2=m2):
             qq, pp = x[0], x[1]
             sq = x[2] if len(x) > 2 else None
-            score = _chunk_block_scores(qq, pp, kb1, kb2, m1, m2, n1, sq, sb1, sb2, config, n1, nb)
+            score = _chunk_block_scores(qq, pp, kb1, kb2, m1, m2, n1, sq, sb1, sb2, config, n1, nb, group_sum)
             return finish(score, pp)
 
         out = jax.lax.map(body, xs)  # [nc, B, Hkv, chunk, ...]
@@ -158,24 +169,31 @@ def _check(q, k, config, segment_ids):
         raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {q.shape[:2]}")
 
 
-def block_scores(q, k, config: InfLLMv2Config, *, segment_ids=None, chunk=256, n_buckets=4):
+def block_scores(q, k, config: InfLLMv2Config, *, segment_ids=None, chunk=256, n_buckets=4, group_sum=None):
     """Block scores [B, Hkv, T, nb] (fp32; forced blocks +inf, gen-A local blocks -inf)."""
     _check(q, k, config, segment_ids)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    return _map_scores(q, k, config, segment_ids, chunk, n_buckets, lambda s, p: s)
+    return _map_scores(q, k, config, segment_ids, chunk, n_buckets, lambda s, p: s, group_sum)
 
 
-def select_blocks(q, k, config: InfLLMv2Config, *, segment_ids=None, chunk=256, n_buckets=4):
-    """Selected block ids int32 [B, Hkv, T, min(num_selected, nb)], sorted, -1 = none (prefill)."""
+def select_blocks(q, k, config: InfLLMv2Config, *, segment_ids=None, chunk=256, n_buckets=4, group_sum=None):
+    """Selected block ids int32 [B, Hkv, T, min(num_selected, nb)], sorted, -1 = none (prefill).
+
+    ``group_sum``: see the module doc (q may then hold only part of each group's query heads)."""
     _check(q, k, config, segment_ids)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    return _map_scores(q, k, config, segment_ids, chunk, n_buckets, lambda s, p: _top_blocks(s, p, config))
+    finish = lambda s, p: _top_blocks(s, p, config)
+    return _map_scores(q, k, config, segment_ids, chunk, n_buckets, finish, group_sum)
 
 
-def select_from_compressed(q, k1, k2, n1_valid, n2_valid, pos, nb, config: InfLLMv2Config):
-    """Selection for queries at positions pos [C] against (possibly partly filled) K1/K2 caches."""
+def select_from_compressed(q, k1, k2, n1_valid, n2_valid, pos, nb, config: InfLLMv2Config, group_sum=None):
+    """Selection for queries at positions pos [C] against (possibly partly filled) K1/K2 caches
+    (``group_sum``: see the module doc)."""
     q, k1, k2 = (jax.lax.stop_gradient(x) for x in (q, k1, k2))
-    score = _chunk_block_scores(q, pos, k1, k2, n1_valid, n2_valid, n1_valid, None, None, None, config, k1.shape[1], nb)
+    n1 = k1.shape[1]
+    score = _chunk_block_scores(
+        q, pos, k1, k2, n1_valid, n2_valid, n1_valid, None, None, None, config, n1, nb, group_sum
+    )
     return _top_blocks(score, pos, config)
 
 

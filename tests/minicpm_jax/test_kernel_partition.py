@@ -1,6 +1,7 @@
 """Kernels under ``shard_map`` (``minicpm_jax.model.partition``) on 8 fake devices: sharded forward,
 gradient and decode equal the unsharded ones, every kernel call is a manual (``shard_map``) region
-of the lowered program, and the compiled program all-gathers no q/k/v or Lightning state."""
+of the lowered program, and the compiled program all-gathers no q/k/v or Lightning state, also where
+``tensor`` > KV heads splits GQA groups (InfLLM v2 selection then exchanges partial score sums)."""
 
 import re
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -22,6 +24,7 @@ from pallas_kernels.lightning import alibi_slopes, lightning_attention
 
 MESHES = {"d2t4": {"data": 2, "tensor": 4}, "d4f2": {"data": 4, "fsdp": 2}, "d4t2": {"data": 4, "tensor": 2}}
 T_DENSE, T_SPARSE, HEAD_DIM = 16, 80, 16  # tiny configs: dense_len 64, head_dim 16
+T_SPLIT = 128  # split GQA groups: 8 blocks of 16 > the 6 selected, so the selection's group sums matter
 B = 8  # divisible by data x fsdp of every mesh
 
 
@@ -41,16 +44,46 @@ def gathered_attention_operands(compiled: str, seq: int) -> list[str]:
     return hits
 
 
-def check_partitioned(mesh, fn, args, seq, manual_regions, expect_no_gather=True):
-    """``fn(*args)`` on ``mesh`` equals it without one; returns nothing, asserts the HLO properties."""
+def check_partitioned(mesh, fn, args, seq, manual_regions, split_groups=False):
+    """``fn(*args)`` on ``mesh`` equals it without one; returns nothing, asserts the HLO properties
+    (``split_groups``: the InfLLM v2 selection adds partial sums within each group by collective-permute)."""
     want = jax.jit(fn)(*args)
     with jax.set_mesh(mesh):
         lowered = jax.jit(fn).lower(*args)
-        got = lowered.compile()(*args)
+        exe = lowered.compile()
+        got = exe(*args)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5), got, want)
     assert lowered.as_text().count("sdy.manual_computation(") >= manual_regions
-    if expect_no_gather:
-        assert gathered_attention_operands(lowered.compile().as_text(), seq) == []
+    compiled = exe.as_text()
+    assert gathered_attention_operands(compiled, seq) == []
+    assert not split_groups or "collective-permute" in compiled
+
+
+def shard_map_specs(fn, *args):
+    """``(in_avals, in_specs, out_avals, out_specs)`` of every ``shard_map`` in ``fn``'s jaxpr (nested too)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "shard_map":
+                ins, outs = [v.aval for v in eqn.invars], [v.aval for v in eqn.outvars]
+                found.append((ins, eqn.params["in_specs"], outs, eqn.params["out_specs"]))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def decode_q_specs(fn, args, shape):
+    """Specs of the operands and results of shape ``[B, 1, Hq, D]`` (the decode step's q and output)."""
+    return [
+        spec
+        for ins, in_specs, outs, out_specs in shard_map_specs(fn, *args)
+        for avals, specs in ((ins, in_specs), (outs, out_specs))
+        for aval, spec in zip(avals, specs)
+        if aval.shape == shape
+    ]
 
 
 def shard_rows(mesh, x):
@@ -71,7 +104,7 @@ def grad_fn(mixer):
     return f, state
 
 
-@pytest.mark.parametrize("mesh_name,t", [("d2t4", T_DENSE), ("d4f2", T_DENSE), ("d4t2", T_SPARSE), ("d2t4", T_SPARSE)])
+@pytest.mark.parametrize("mesh_name,t", [("d2t4", T_DENSE), ("d4f2", T_DENSE), ("d4t2", T_SPARSE), ("d2t4", T_SPLIT)])
 def test_attention_mixer_forward_and_grad(mesh_name, t):
     """Dense (below dense_len) and InfLLM v2 sparse (pallas_tpu, interpreted) prefill, GQA 4:2."""
     cfg = load_config("tiny-minicpm4-sparse").model
@@ -82,10 +115,10 @@ def test_attention_mixer_forward_and_grad(mesh_name, t):
     x = shard_rows(mesh, jax.random.normal(jax.random.key(1), (B, t, cfg.hidden_size)))
     positions = jnp.broadcast_to(jnp.arange(t), (B, t))
     f, state = grad_fn(mixer)
-    # tensor=4 > Hkv=2 splits GQA groups; InfLLM v2 selection sums scores over a whole group, so each
-    # shard all-gathers its group's q for the selection (the attention itself stays per shard).
-    split_sparse = t == T_SPARSE and mesh.shape["tensor"] > cfg.num_key_value_heads
-    check_partitioned(mesh, f, (state, x, positions), t, manual_regions=2, expect_no_gather=not split_sparse)
+    # tensor=4 > Hkv=2 splits GQA groups; InfLLM v2 selection sums scores over a whole group: each
+    # shard scores its own q heads and adds its group's other partial sums (no q is gathered).
+    split_sparse = t >= cfg.sparse_config.dense_len and mesh.shape["tensor"] > cfg.num_key_value_heads
+    check_partitioned(mesh, f, (state, x, positions), t, manual_regions=2, split_groups=split_sparse)
 
 
 def test_lightning_kernel_pallas_under_shard_map():
@@ -132,7 +165,7 @@ SALA_2 = ["model.num_hidden_layers=2", "model.mixer_types=[minicpm4, lightning-a
 MODELS = [  # (preset, overrides, mesh, length, whether InfLLM v2 shards split GQA groups)
     ("tiny-minicpm4", [], "d2t4", T_DENSE, False),
     ("tiny-minicpm4-sparse", [], "d4t2", T_SPARSE, False),
-    ("tiny-minicpm4-sparse", [], "d2t4", T_SPARSE, True),
+    ("tiny-minicpm4-sparse", [], "d2t4", T_SPLIT, True),
     ("tiny-sala", SALA_2, "d4f2", T_SPARSE, False),
 ]
 
@@ -140,8 +173,9 @@ MODELS = [  # (preset, overrides, mesh, length, whether InfLLM v2 shards split G
 @pytest.mark.parametrize("name,overrides,mesh_name,t,split_groups", MODELS)
 def test_model_forward_grad_and_decode(name, overrides, mesh_name, t, split_groups):
     """Whole models (dense MiniCPM4, sparse MiniCPM4 above dense_len, hybrid SALA): logits, gradient,
-    prefill + decode step sharded == unsharded, each layer's kernels in manual regions, no gathers
-    (split groups: the sparse selection gathers its group's q, the sparse decode step all heads)."""
+    prefill + decode step sharded == unsharded, each layer's kernels in manual regions, no gathers of
+    q/k/v (split groups too: the sparse selection and decode step add partial group scores across the
+    group's shards, and the decode step keeps its query heads sharded over ``tensor``)."""
     cfg = load_config(name, overrides).model
     mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
     kw = {"seed": 3, "dtype": jnp.float32}  # "auto" kernels: "xla" on CPU (Pallas: the mixer tests above)
@@ -160,11 +194,14 @@ def test_model_forward_grad_and_decode(name, overrides, mesh_name, t, split_grou
     want = jax.jit(train)(nnx.state(plain), ids)
     with jax.set_mesh(mesh):
         lowered = jax.jit(train).lower(nnx.state(sharded), ids)
-        got = lowered.compile()(nnx.state(sharded), ids)
+        exe = lowered.compile()
+        got = exe(nnx.state(sharded), ids)
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
     jax.tree.map(close, got, want)
     assert lowered.as_text().count("sdy.manual_computation(") >= 2 * layers  # forward and backward of each
-    assert split_groups or gathered_attention_operands(lowered.compile().as_text(), t) == []
+    compiled = exe.as_text()
+    assert gathered_attention_operands(compiled, t) == []
+    assert not split_groups or "collective-permute" in compiled
 
     def generate(state, ids):
         m = nnx.merge(graphdef, state)
@@ -175,10 +212,41 @@ def test_model_forward_grad_and_decode(name, overrides, mesh_name, t, split_grou
     want = jax.jit(generate)(nnx.state(plain), ids)
     with jax.set_mesh(mesh):
         lowered = jax.jit(generate).lower(nnx.state(sharded), ids)
-        got = lowered.compile()(nnx.state(sharded), ids)
+        exe = lowered.compile()
+        got = exe(nnx.state(sharded), ids)
     jax.tree.map(close, got, want)
     assert lowered.as_text().count("sdy.manual_computation(") >= 2 * layers  # prefill and decode of each
-    assert split_groups or gathered_attention_operands(lowered.compile().as_text(), t) == []
+    compiled = exe.as_text()
+    assert gathered_attention_operands(compiled, t) == []
+    assert not split_groups or "collective-permute" in compiled
+    if mesh.shape.get("tensor", 1) > 1:  # the decode step's q and output: heads over tensor, split groups too
+        with jax.set_mesh(mesh):
+            shape = (B, 1, cfg.num_attention_heads, cfg.attn_head_dim)
+            specs = decode_q_specs(generate, (nnx.state(sharded), ids), shape)
+        assert len(specs) >= 2 * cfg.layer_mixers.count("minicpm4")
+        assert all(spec[2] == "tensor" for spec in specs), specs
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (16, 4), (8, 8)])
+def test_group_sum_adds_the_shards_of_a_group(heads, kv_heads):
+    """tensor=8: groups split over 4 or 2 shards (or not split: identity); each shard of a group gets
+    the same sum of the group's partial sums (bit-identical), and kv_heads names the group's KV head."""
+    mesh = make_mesh(MeshConfig(fsdp=1, tensor=8))
+    x = jax.random.normal(jax.random.key(0), (8, 3, 5))  # one partial sum [3, 5] per shard
+    with jax.set_mesh(mesh):
+        part = Partition(1, heads, kv_heads)
+
+        def shard(x):
+            start = part.kv_heads()
+            return part.group_sum(x), jnp.full((1,), -1 if start is None else start[0])
+
+        got, kv = jax.jit(part(shard, (P(HEADS),), (P(HEADS), P(HEADS))))(x)
+    r = 8 // kv_heads if heads // kv_heads > heads // 8 else 1
+    want = np.repeat(np.asarray(x).reshape(8 // r, r, 3, 5).sum(1), r, axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g in range(0, 8, r):
+        assert all(np.array_equal(got[g], got[g + j]) for j in range(r))
+    assert kv.tolist() == ([-1] * 8 if r == 1 else [d // r for d in range(8)])
 
 
 def test_sequence_axis_is_refused():
