@@ -3,10 +3,10 @@
 Each stage is jitted and timed on its own (median of ``repeats``), on inputs the earlier stages
 produced, so the stage times show what each part costs when XLA runs it alone:
 
-- ``lightning_stages``: the chunked forward of ``pallas_kernels.lightning.xla`` split into layout
-  changes, the per-chunk ``Kᵀ V`` products, the state scan, the ``Q Kᵀ`` scores and the output
-  products; next to it the rate XLA and PyTorch reach on one batch of the per-chunk ``C×D×D``
-  matmuls, which bounds any chunked forward from below.
+- ``lightning_stages``: one outer-scan step (a segment of chunks) of ``pallas_kernels.lightning.xla``'s
+  forward split into layout changes, the per-chunk ``Kᵀ V`` products, the state scan, the ``Q Kᵀ``
+  scores and the output products, times the number of steps; next to it the rate XLA and PyTorch
+  reach on one batch of the step's ``C×D×D`` matmuls, which bounds the chunked forward from below.
 - ``infllm_sparse_stages``: the gathered part of ``pallas_kernels.infllm_v2.xla`` (queries past the
   dense prefix) cut after the K/V gathers, the ``Q Kᵀ`` products, the ``exp`` and the ``P V``
   products; the differences are the stage costs.
@@ -25,6 +25,7 @@ from benchmarks.baselines import median_time, torch_time
 from pallas_kernels.infllm_v2 import InfLLMv2Config, attention_blocks, select_blocks
 from pallas_kernels.infllm_v2 import xla as infllm_xla
 from pallas_kernels.lightning import xla as lightning_xla
+from pallas_kernels.lightning.chunking import num_chunks
 
 
 def batched_matmul_rates(batch: int, c: int, d: int, repeats: int = 5) -> dict:
@@ -42,44 +43,59 @@ def batched_matmul_rates(batch: int, c: int, d: int, repeats: int = 5) -> dict:
 
 
 def lightning_stage_fns(q, k, v, log_decay, chunk: int = 64) -> dict:
-    """``{stage: (fn, args)}`` of the ``xla`` Lightning forward (q/k/v ``[B,T,H,D]`` fp32), each on
-    the outputs of the stages before it; the last gives the chunk-major output."""
+    """``{stage: (fn, args)}`` of one step of the ``xla`` Lightning forward's outer scan (its first
+    segment of ``SEGMENT`` chunks; q/k/v ``[B,T,H,D]`` fp32, zero initial state), each on the
+    outputs of the stages before it; the last gives the segment's chunk-major output."""
     x = lightning_xla
     b, t, h, d = q.shape
-    c = chunk
+    c, n = chunk, num_chunks(t, chunk)
+    s = min(x.SEGMENT, n)
     intra, qdec, kdec, lam = x._factors(log_decay, t, c, None, d**-0.5)
-    qc, vc, kt = x._to_n(q, c), x._to_n(v, c), x._to_n(k, c, transposed=True)
-    u = x._ein("nbhdc,nbhcv->nbhdv", kt * jnp.swapaxes(kdec, -1, -2), vc)
-    states = x._scan(u, lam, jnp.zeros((b, h, d, d)))[0]
-    scores = x._ein("nbhcd,nbhde->nbhce", qc, kt) * intra
+    split, const = x._per_segment(dict(intra=intra, qdec=qdec, kdec=kdec, lam=lam), n, s)
+    f = {**const, **{name: y[0] for name, y in split.items()}}
+    qs, ks, vs = (x._segments(y, c, s)[0] for y in (q, k, v))
+    qc, vc, kt = x._to_n(qs, c), x._to_n(vs, c), x._to_n(ks, c, transposed=True)
+    u = x._ein("nbhdc,nbhcv->nbhdv", kt * jnp.swapaxes(f["kdec"], -1, -2), vc)
+    zero = jnp.zeros((b, h, d, d))
+    states = x._scan(u, f["lam"], zero)[0]
+    scores = x._ein("nbhcd,nbhde->nbhce", qc, kt) * f["intra"]
     return {
-        "layout (to and from chunk-major)": (
-            lambda q, k, v: (x._from_n(x._to_n(q, c), t), x._to_n(v, c), x._to_n(k, c, transposed=True)),
-            (q, k, v),
+        "layout (into and out of chunk-major)": (
+            lambda qs, ks, vs: (x._from_n(x._to_n(qs, c)), x._to_n(vs, c), x._to_n(ks, c, transposed=True)),
+            (qs, ks, vs),
         ),
-        "K^T V per chunk": (lambda kt, vc: x._ein("nbhdc,nbhcv->nbhdv", kt * jnp.swapaxes(kdec, -1, -2), vc), (kt, vc)),
-        "state scan": (lambda u: x._scan(u, lam, jnp.zeros((b, h, d, d)))[0], (u,)),
-        "Q K^T scores": (lambda qc, kt: x._ein("nbhcd,nbhde->nbhce", qc, kt) * intra, (qc, kt)),
+        "K^T V per chunk": (
+            lambda kt, vc: x._ein("nbhdc,nbhcv->nbhdv", kt * jnp.swapaxes(f["kdec"], -1, -2), vc),
+            (kt, vc),
+        ),
+        "state scan": (lambda u: x._scan(u, f["lam"], zero)[0], (u,)),
+        "Q K^T scores": (lambda qc, kt: x._ein("nbhcd,nbhde->nbhce", qc, kt) * f["intra"], (qc, kt)),
         "P V + Q S outputs": (
-            lambda s, vc, qc, st: x._ein("nbhce,nbhev->nbhcv", s, vc) + qdec * x._ein("nbhcd,nbhdv->nbhcv", qc, st),
+            lambda sc, vc, qc, st: (
+                x._ein("nbhce,nbhev->nbhcv", sc, vc) + f["qdec"] * x._ein("nbhcd,nbhdv->nbhcv", qc, st)
+            ),
             (scores, vc, qc, states),
         ),
     }
 
 
 def lightning_stages(q, k, v, log_decay, chunk: int = 64, repeats: int = 5) -> dict:
-    """Stage seconds, the whole forward, and the batched-matmul floor: its 4 per-chunk products at
-    the batched rate XLA reaches here."""
+    """Stage seconds of one outer-scan step times the number of steps, the whole forward (the rest
+    is the scan's own cost), and the batched-matmul floor: a step's 4 per-chunk products at the
+    batched rate XLA reaches here, times the steps."""
+    x = lightning_xla
     b, t, h, d = q.shape
+    n = num_chunks(t, chunk)
+    s = min(x.SEGMENT, n)
+    steps = -(-n // s)
     stages = lightning_stage_fns(q, k, v, log_decay, chunk)
-    out = {name: median_time(jax.jit(fn), *args, repeats=repeats) for name, (fn, args) in stages.items()}
+    out = {name: steps * median_time(jax.jit(fn), *args, repeats=repeats) for name, (fn, args) in stages.items()}
     zero = jnp.zeros((b, h, d, d))
-    full = lambda q, k, v: lightning_xla.forward(q, k, v, log_decay, zero, scale=d**-0.5, chunk_size=chunk)[0]
+    full = lambda q, k, v: x.forward(q, k, v, log_decay, zero, scale=d**-0.5, chunk_size=chunk)[0]
     total = median_time(jax.jit(full), q, k, v, repeats=repeats)
-    batch = -(-t // chunk) * b * h
-    rates = batched_matmul_rates(batch, chunk, d, repeats)
-    floor = 4 * 2 * batch * chunk * d * d / 1e9 / rates["xla_gflops"]
-    return {"stages_s": out, "forward_s": total, "batched_matmul": rates, "matmul_floor_s": floor}
+    rates = batched_matmul_rates(s * b * h, chunk, d, repeats)
+    floor = steps * 4 * 2 * s * b * h * chunk * d * d / 1e9 / rates["xla_gflops"]
+    return {"steps": steps, "stages_s": out, "forward_s": total, "batched_matmul": rates, "matmul_floor_s": floor}
 
 
 SPARSE_STAGES = ("gather", "scores", "exp", "full")
@@ -154,7 +170,7 @@ def profile_lines(title: str, profiles: dict) -> list[str]:
                 f"{bm['xla_gflops']:.0f} / {bm['torch_gflops']:.0f} GFLOP/s | - |"
             )
             lines.append(
-                f"| {t} | 4 such products at XLA's rate (floor) / whole forward | "
+                f"| {t} | 4 such products per step at XLA's rate (floor) / whole forward | "
                 f"{1e3 * prof['matmul_floor_s']:.1f} / {1e3 * prof['forward_s']:.1f} | - |"
             )
     return lines

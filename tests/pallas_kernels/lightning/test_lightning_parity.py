@@ -63,5 +63,5 @@ def test_pallas_gpu_sala_head_dim(dtype):
 
 
 def test_xla_many_chunk_groups():
-    """N = 38 chunks: several 16-chunk groups of the two-level state scan, partial last group."""
+    """N = 38 chunks: three 16-chunk segments of the outer scan, the last one padded."""
     _check("xla", 600, 16, jnp.float32, 1e-5)

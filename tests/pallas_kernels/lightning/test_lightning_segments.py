@@ -98,7 +98,7 @@ def _check(impl, dtype, chunk, layout, tol, **shape):
     ids=["reference", "recurrent", "xla", "xla-C3", "pallas_tpu"],
 )
 def test_fp32_packed_equals_per_document(impl, chunk):
-    """C = 3 for xla: partial last chunk and two 16-chunk groups of the two-level state scan."""
+    """C = 3 for xla: partial last chunk and two 16-chunk segments of the outer scan (the last one padded)."""
     _check(impl, jnp.float32, chunk, LAYOUT_64, 1e-5)
 
 
