@@ -111,16 +111,17 @@ def _sparse_body(stage, parts_args, scale):
         parts = infllm_xla._Parts(c0 + ci * chunk, ii, None, None, kb, vb, chunk, block_size, shared, kbt).groups()
         if stage == "gather":
             return sum(jnp.sum(kg) + jnp.sum(vg) for _, kg, vg, _, _, _ in parts)
+        v_read = sum(jnp.sum(vg) for _, _, vg, _, _, _ in parts)  # keeps the V gathers in every cut
         ss = [infllm_xla._scores(qq, kg, m, ks, scale) for _, kg, _, m, _, ks in parts]
         if stage == "scores":
-            return sum(jnp.max(s) for s in ss)
-        mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=(-2, -1)) for s in ss])[..., None, None]
+            return sum(jnp.max(s) for s in ss) + v_read
+        mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in ss])[..., None]
         ps = [jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0)) for s in ss]
-        l = sum(jnp.sum(p, axis=(-2, -1)) for p in ps)
+        l = sum(jnp.sum(p, axis=-1) for p in ps)
         if stage == "exp":
-            return jnp.sum(l)
+            return jnp.sum(l) + v_read
         o = sum(
-            jnp.einsum(f"bgchsk,{spec}d->bgchd", p, vg, preferred_element_type=jnp.float32)
+            jnp.einsum(f"bgchn,{spec}d->bgchd", p, vg, preferred_element_type=jnp.float32)
             for p, (_, _, vg, _, spec, _) in zip(ps, parts)
         )
         return o / jnp.where(l > 0, l, 1.0)[..., None]

@@ -89,15 +89,30 @@ class _Parts:
             self.token = (r, kt, gather(vb, r), m, "bgcdsk")
 
     def groups(self):
-        """(ids, k, v, mask, spec, score key spec): shared keys are 'bgsk', per-token keys 'bgcsk'."""
-        out = [self.token[:4] + ("bgcsk", self.token[4])]
+        """(ids, k, v, mask, spec, score key spec), each part's (block, key) axes merged into one
+        axis ``n``: shared keys are 'bgn', per-token keys 'bgcn'. One contraction axis makes every
+        ``P V`` product a plain batched matmul (XLA:CPU ran the two-axis contraction 2.5x slower)."""
+        merge = lambda x, at: x.reshape(x.shape[:at] + (-1,) + x.shape[at + 2 :])
+        ids, k, v, m, kspec = self.token
+        transposed = kspec == "bgcdsk"
+        out = [
+            (
+                ids,
+                merge(k, 4 if transposed else 3),
+                merge(v, 3),
+                merge(m, 3),
+                "bgcn",
+                "bgcdn" if transposed else "bgcnd",
+            )
+        ]
         if self.shared is not None:
-            out.append(self.shared + ("bgsk", "bgskd"))
+            ids, k, v, m = self.shared
+            out.append((ids, merge(k, 2), merge(v, 2), merge(m, 3), "bgn", "bgnd"))
         return out
 
 
 def _scores(qc, kg, m, kspec, scale):
-    s = jnp.einsum(f"bgchd,{kspec}->bgchsk", qc, kg, preferred_element_type=F32) * scale
+    s = jnp.einsum(f"bgchd,{kspec}->bgchn", qc, kg, preferred_element_type=F32) * scale
     return jnp.where(m[:, :, :, None], s, -jnp.inf)
 
 
@@ -112,16 +127,16 @@ def _forward(q, k, v, block_idx, segment_ids, block_size, chunk, shared, q0):
         sq, sk = (None, None) if seg is None else (x[3], seg[1])
         parts = _Parts(q0 + ci * chunk, ii, sq, sk, kb, vb, chunk, block_size, shared, kbt).groups()
         ss = [_scores(qq, kg, m, ks, scale) for _, kg, _, m, _, ks in parts]
-        mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=(-2, -1)) for s in ss])[..., None, None]
+        mx = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in ss])[..., None]
         mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
         ps = [jnp.exp(s - mx) for s in ss]
-        l = sum(jnp.sum(p, axis=(-2, -1)) for p in ps)
+        l = sum(jnp.sum(p, axis=-1) for p in ps)
         o = sum(
-            jnp.einsum(f"bgchsk,{spec}d->bgchd", p, vg, preferred_element_type=F32)
+            jnp.einsum(f"bgchn,{spec}d->bgchd", p, vg, preferred_element_type=F32)
             for p, (_, _, vg, _, spec, _) in zip(ps, parts)
         )
         o = o / jnp.where(l > 0, l, 1.0)[..., None]
-        lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + mx[..., 0, 0], jnp.inf)
+        lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + mx[..., 0], jnp.inf)
         return o, lse  # [B,Hkv,C,G,D], [B,Hkv,C,G]
 
     xs = (jnp.arange(qc.shape[0]), qc, idx) + (() if seg is None else (seg[0],))
@@ -136,7 +151,7 @@ def _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, sh
     qc, kb, vb, idx, seg = _prep(q, k, v, block_idx, segment_ids, block_size, chunk, q0)
     oc = _prep(o, k, v, block_idx, None, block_size, chunk, q0)[0]
     doc = _prep(do, k, v, block_idx, None, block_size, chunk, q0)[0]
-    nb = kb.shape[2]
+    nb, bk = kb.shape[2], kb.shape[3]
     add = jax.vmap(jax.vmap(lambda acc, i, u: acc.at[i].add(u, mode="drop")))
 
     def body(carry, x):
@@ -144,17 +159,19 @@ def _backward(q, k, v, block_idx, segment_ids, o, lse, do, block_size, chunk, sh
         ci, qq, ii, oo, dd, ll = x[:6]
         sq, sk = (None, None) if seg is None else (x[6], seg[1])
         parts = _Parts(q0 + ci * chunk, ii, sq, sk, kb, vb, chunk, block_size, shared).groups()
-        delta = jnp.sum(dd.astype(F32) * oo.astype(F32), axis=-1)[..., None, None]
+        delta = jnp.sum(dd.astype(F32) * oo.astype(F32), axis=-1)[..., None]
         dq = 0.0
         for ids, kg, vg, m, spec, ks in parts:
-            p = jnp.exp(_scores(qq, kg, m, ks, scale) - ll[..., None, None])  # [B,Hkv,C,G,s,Bk]
-            dp = jnp.einsum(f"bgchd,{spec}d->bgchsk", dd, vg, preferred_element_type=F32)
+            p = jnp.exp(_scores(qq, kg, m, ks, scale) - ll[..., None])  # [B,Hkv,C,G,n]
+            dp = jnp.einsum(f"bgchd,{spec}d->bgchn", dd, vg, preferred_element_type=F32)
             ds = p * (dp - delta) * scale
-            dq = dq + jnp.einsum(f"bgchsk,{spec}d->bgchd", ds, kg, preferred_element_type=F32)
+            dq = dq + jnp.einsum(f"bgchn,{spec}d->bgchd", ds, kg, preferred_element_type=F32)
             tgt = jnp.where(ids >= 0, ids, nb)  # invalid -> dropped
-            dkg = jnp.einsum(f"bgchsk,bgchd->{spec}d", ds, qq, preferred_element_type=F32)
-            dvg = jnp.einsum(f"bgchsk,bgchd->{spec}d", p, dd, preferred_element_type=F32)
-            if spec == "bgcsk":
+            dkg, dvg = (
+                jnp.einsum(f"bgchn,bgchd->{spec}d", a, y, preferred_element_type=F32).reshape(ids.shape + (bk, d))
+                for a, y in ((ds, qq), (p, dd))
+            )  # back to one row per listed block
+            if spec == "bgcn":
                 tgt, dkg, dvg = (x.reshape(x.shape[:2] + (-1,) + x.shape[4:]) for x in (tgt, dkg, dvg))
             dk, dv = add(dk, tgt, dkg), add(dv, tgt, dvg)
         return (dk, dv), dq
