@@ -48,10 +48,8 @@ def lightning_stage_fns(q, k, v, log_decay, chunk: int = 64) -> dict:
     outputs of the stages before it; the last gives the segment's chunk-major output."""
     x = lightning_xla
     b, t, h, d = q.shape
-    c, n = chunk, num_chunks(t, chunk)
-    s = min(x.SEGMENT, n)
-    intra, qdec, kdec, lam = x._factors(log_decay, t, c, None, d**-0.5)
-    split, const = x._per_segment(dict(intra=intra, qdec=qdec, kdec=kdec, lam=lam), n, s)
+    c = chunk
+    s, split, const = x._layout(log_decay, t, c, None, d**-0.5)
     f = {**const, **{name: y[0] for name, y in split.items()}}
     qs, ks, vs = (x._segments(y, c, s)[0] for y in (q, k, v))
     qc, vc, kt = x._to_n(qs, c), x._to_n(vs, c), x._to_n(ks, c, transposed=True)
@@ -85,9 +83,8 @@ def lightning_stages(q, k, v, log_decay, chunk: int = 64, repeats: int = 5) -> d
     batched rate XLA reaches here, times the steps."""
     x = lightning_xla
     b, t, h, d = q.shape
-    n = num_chunks(t, chunk)
-    s = min(x.SEGMENT, n)
-    steps = -(-n // s)
+    s = x._layout(log_decay, t, chunk, None, d**-0.5)[0]  # chunks per outer-scan step
+    steps = -(-num_chunks(t, chunk) // s)
     stages = lightning_stage_fns(q, k, v, log_decay, chunk)
     out = {name: steps * median_time(jax.jit(fn), *args, repeats=repeats) for name, (fn, args) in stages.items()}
     zero = jnp.zeros((b, h, d, d))

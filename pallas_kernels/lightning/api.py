@@ -115,7 +115,7 @@ def lightning_attention(
     b, t, h, dk, dv = validation.check_inputs(q, k, v)
     log_decay = validation.check_log_decay(log_decay, h)
     scale = validation.check_scale(scale, dk)
-    impl = validation.resolve_implementation(implementation, interpret)
+    impl = validation.resolve_implementation(implementation)
     validation.check_chunk_size(chunk_size, impl, q.dtype, (dk, dv))
     if initial_state is None:
         state = jnp.zeros((b, h, dk, dv), _F32)

@@ -59,15 +59,12 @@ def check_inputs(q, k, v):
     return (*q.shape, v.shape[-1])
 
 
-def resolve_implementation(implementation, interpret):
+def resolve_implementation(implementation):
     """Maps ``"auto"`` to the backend default (``pallas_tpu`` on TPU, else ``xla``); checks the name.
 
-    ``interpret`` does not change the choice: a Pallas kernel is accepted on any backend.
-    ``interpret=None`` (default) is decided when the computation is lowered: interpreted on CPU,
-    the compiled kernel elsewhere (so ``jax.export(..., platforms=["tpu"|"cuda"])`` cross-lowers
-    from a CPU host); ``interpret=True`` always interprets; ``interpret=False`` always compiles.
+    A Pallas kernel is accepted on any backend: ``interpret`` (see ``lightning_attention``) decides
+    whether it is interpreted or compiled.
     """
-    del interpret
     if implementation == "auto":
         return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
     if implementation not in IMPLEMENTATIONS:

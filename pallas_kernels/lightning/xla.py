@@ -91,22 +91,23 @@ def _scan(u, lam, init, reverse=False):
     return xs, last
 
 
-def _layout(q, c, segment, factors):
-    """Segment count and scan inputs shared by the forward and the backward."""
-    n = num_chunks(q.shape[1], c)
-    s = max(1, min(segment, n))
-    return n, s, _per_segment(factors, n, s)
+def _layout(log_decay, t, c, docs, scale):
+    """``(s, split, const)`` shared by the forward and the backward: chunks per segment and the
+    decay factors (``_factors``) as per-segment scan inputs / constants (``_per_segment``)."""
+    intra, qdec, kdec, lam = _factors(log_decay, t, c, docs, scale)
+    n = num_chunks(t, c)
+    s = min(SEGMENT, n)
+    return (s, *_per_segment(dict(intra=intra, qdec=qdec, kdec=kdec, lam=lam), n, s))
 
 
-def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_states=False, docs=None, segment=SEGMENT):
+def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_states=False, docs=None):
     """Returns ``(o [B,T,H,Dv] fp32, final_state, chunk_states [n_seg,s,B,H,Dk,Dv] or None)``.
 
     ``chunk_states[i, j]`` is the state entering chunk ``i·s + j`` (input to the backward);
     ``docs`` is an optional ``[B,T]`` document index (``chunking.document_index``).
     """
     t, c = q.shape[1], chunk_size
-    intra, qdec, kdec, lam = _factors(log_decay, t, c, docs, scale)
-    n, s, (split, const) = _layout(q, c, segment, dict(intra=intra, qdec=qdec, kdec=kdec, lam=lam))
+    s, split, const = _layout(log_decay, t, c, docs, scale)
 
     def step(state, xs):
         f = {**const, **xs[3]}
@@ -122,11 +123,10 @@ def forward(q, k, v, log_decay, initial_state, *, scale, chunk_size=64, save_sta
     return _unsegment(o, t), final, states
 
 
-def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=64, docs=None, segment=SEGMENT):
+def backward(q, k, v, log_decay, chunk_states, do, d_final, *, scale, chunk_size=64, docs=None):
     """Chunk-wise VJP, one segment at a time from the last. Returns fp32 ``(dq, dk, dv, d_initial_state)``."""
     t, c = q.shape[1], chunk_size
-    intra, qdec, kd, lam = _factors(log_decay, t, c, docs, scale)
-    n, s, (split, const) = _layout(q, c, segment, dict(intra=intra, qdec=qdec, kdec=kd, lam=lam))
+    s, split, const = _layout(log_decay, t, c, docs, scale)
 
     def step(d_leave, xs):
         f = {**const, **xs[5]}
